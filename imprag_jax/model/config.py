@@ -114,6 +114,9 @@ class ModelConfig:
     def n_top(self) -> int:
         return self.num_layers - self.t - 1
 
+    def __hash__(self):  # usable as a static jit argument (rope_scaling is a dict)
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
