@@ -1,0 +1,36 @@
+"""A ~1M-parameter Llama trained from scratch on the synthetic world (the README's main job, <= 10 min on 2 cores).
+
+Recipe (docs/feasibility notes; every choice measured in docs/results.md): tied embeddings scaled by sqrt(d),
+counterfactual gold and negative passages, retrieval-free format examples, lambda = 1, pre-RoPE embeddings.
+
+  python -m imprag_jax.train --config configs/synthetic.py --workdir runs/synthetic
+  python -m imprag_jax.train --config configs/synthetic.py:smoke --workdir /tmp/smoke
+  python -m imprag_jax.train --config configs/synthetic.py:closed_book --workdir runs/closed_book
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import base_config  # noqa: E402
+
+
+def get_config(arg: str = ""):
+    c = base_config()
+    c.name = "synthetic"
+    c.model.update(dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, b=1, t=2,
+                        embed_scale=128 ** 0.5, tie_embeddings=True, init_std=0.02))
+    c.train.time_budget_s = 480.0
+    for a in [x for x in arg.split(",") if x]:
+        if a == "smoke":
+            c.data.people = 200
+            c.train.update(dict(steps=12, warmup_steps=2, log_every=4, ckpt_every=8, time_budget_s=0.0))
+            c.data.update(dict(batch_size=8, free_batch_size=2))
+            c.eval.update(dict(limit=32, k="1", modes="imprag", tasks="qa,slot_filling"))
+        elif a == "closed_book":
+            c.name = "synthetic_closed_book"
+            c.train.update(dict(closed_book=True, stages="none"))
+            c.data.cf = 0.0  # a closed-book model must learn the facts themselves
+            c.eval.update(dict(modes="closed_book", k="0"))
+        else:
+            raise ValueError(f"unknown config argument {a!r} (known: smoke, closed_book)")
+    return c

@@ -1,0 +1,124 @@
+"""From a (locked) ml_collections config to the typed objects the code uses, with clear errors for bad values."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+from ..model import ConfigError, ModelConfig
+from .step import StepConfig
+
+STAGES = ("both", "warmup", "distill", "none")
+CANDIDATES = ("pseudo", "index", "mixed")
+
+
+def _fail(msg):
+    raise ConfigError(msg)
+
+
+def parse_weights(s) -> Optional[Dict[str, float]]:
+    """'qa:1,two_hop_qa:0.5' -> {'qa': 1.0, 'two_hop_qa': 0.5}; '' -> None."""
+    if not s:
+        return None
+    if isinstance(s, dict):
+        return {k: float(v) for k, v in s.items()}
+    out = {}
+    for part in str(s).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, w = part.partition(":")
+        try:
+            out[name.strip()] = float(w) if w else 1.0
+        except ValueError:
+            _fail(f"bad task weight {part!r}: expected name:weight")
+    return out
+
+
+def parse_list(s):
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def model_config(c, vocab_size: Optional[int] = None, base: Optional[ModelConfig] = None) -> ModelConfig:
+    """ModelConfig from config.model. `base` (a loaded checkpoint's config) supplies the architecture."""
+    m = dict(c.model)
+    for k in ("init", "preset"):
+        m.pop(k, None)
+    if m.get("head_dim", 0) in (0, None):
+        m["head_dim"] = None
+    if m.get("prompt_offset", -1) in (-1, None):
+        m["prompt_offset"] = None
+    if not m.get("vocab_size"):
+        if vocab_size is None:
+            _fail("model.vocab_size is 0 (= the tokenizer's) but no tokenizer is known")
+        m["vocab_size"] = vocab_size
+    if base is not None:  # pretrained: architecture from the checkpoint, ImpRAG/numerics from the config
+        keep = ("b", "t", "retrieval_rope", "passage_attention", "prompt_offset", "dtype", "param_dtype", "remat",
+                "attention_impl")
+        return base.replace(**{k: m[k] for k in keep})
+    try:
+        return ModelConfig(**m)
+    except TypeError as e:
+        _fail(f"model config: {e}")
+
+
+def step_config(c) -> StepConfig:
+    t = c.train
+    if t.stages not in STAGES:
+        _fail(f"train.stages must be one of {STAGES}, got {t.stages!r}")
+    if t.candidates not in CANDIDATES:
+        _fail(f"train.candidates must be one of {CANDIDATES}, got {t.candidates!r}")
+    if not 0.0 <= t.warmup_share <= 1.0:
+        _fail(f"train.warmup_share must be in [0, 1], got {t.warmup_share}")
+    if t.tau_t <= 0 or t.tau_r <= 0:
+        _fail("train.tau_t and train.tau_r must be positive")
+    if t.nce_reduction not in ("sum", "mean"):
+        _fail(f"train.nce_reduction must be sum or mean, got {t.nce_reduction!r}")
+    if t.steps < 1 or t.lr <= 0:
+        _fail("train.steps must be >= 1 and train.lr > 0")
+    if t.accum < 1:
+        _fail("train.accum must be >= 1")
+    B = c.data.batch_size + c.data.free_batch_size
+    if B % t.accum:
+        _fail(f"global batch {B} (data.batch_size + data.free_batch_size) is not divisible by train.accum={t.accum}")
+    return StepConfig(r_len=c.data.L_r if not _lm_tasks(c) else c.data.L_q + c.data.L_r, lam=t.lam,
+                      tau_t=t.tau_t, tau_r=t.tau_r, nce_reduction=t.nce_reduction, score_bias=t.score_bias,
+                      score_bias_grad=t.score_bias_grad, accum=t.accum, teacher_chunks=t.teacher_chunks)
+
+
+def _lm_tasks(c) -> bool:
+    w = parse_weights(c.data.free_tasks) or {}
+    return "lm" in w
+
+
+def batch_config(c):
+    from ..data.pipeline import BatchConfig
+
+    d = c.data
+    try:
+        return BatchConfig(batch_size=d.batch_size, free_batch_size=d.free_batch_size, L_q=d.L_q, L_r=d.L_r,
+                           l_max=d.l_max, k=d.k, tasks=parse_weights(d.tasks), free_tasks=parse_weights(d.free_tasks),
+                           positives=d.positives, n_pos=d.n_pos, negatives=d.negatives, n_neg=d.n_neg,
+                           neg_ranks=tuple(d.neg_ranks), random_neg_fraction=d.random_neg_fraction, cf=d.cf,
+                           cf_negatives=d.cf_negatives, add_bos=d.add_bos, seed=c.seed)
+    except ValueError as e:
+        _fail(f"data config: {e}")
+
+
+def data_dir(c, workdir: str) -> str:
+    """The prepared data directory; for the synthetic world it is generated on first use."""
+    d = c.data.dir or (os.path.join(workdir, "data") if c.data.kind == "synthetic" else "")
+    if c.data.kind not in ("synthetic", "prepared"):
+        _fail(f"data.kind must be synthetic or prepared, got {c.data.kind!r}")
+    if c.data.kind == "prepared":
+        if not d or not os.path.exists(os.path.join(d, "passages.jsonl")):
+            _fail(f"data.dir={d!r} is not a prepared data directory (no passages.jsonl); run "
+                  "`python -m imprag_jax.data.prepare --source ../shared/data --out DIR` first")
+        return d
+    if not os.path.exists(os.path.join(d, "passages.jsonl")):
+        from ..data.synthetic import World, WorldConfig, write_world
+
+        print(f"[data] generating the synthetic world (seed {c.data.world_seed}, {c.data.people} people) in {d}",
+              flush=True)
+        world = World.generate(WorldConfig(seed=c.data.world_seed, n_people=c.data.people))
+        write_world(world, d, show_progress=True)
+    return d

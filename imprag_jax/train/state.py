@@ -1,0 +1,101 @@
+"""Train state, its shardings over the mesh, and ahead-of-time compilation of the step."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..model import ModelConfig, init_params, param_logical_axes
+from ..model.sharding import DEFAULT_RULES, logical_to_spec, tree_shardings, use_sharding
+from .step import BATCH_KEYS, StepConfig, train_step
+
+
+def _path_key(path):
+    return tuple(getattr(p, "key", getattr(p, "idx", getattr(p, "name", None))) for p in path)
+
+
+def state_shardings(cfg: ModelConfig, tx, mesh, rules=DEFAULT_RULES):
+    """Shardings of {"params", "opt_state", "step"}: optimizer moments follow their parameter's sharding."""
+    pshapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    pshard = tree_shardings(param_logical_axes(cfg), pshapes, mesh, rules)
+    by_path = {}
+    for path, sh in jax.tree_util.tree_flatten_with_path(pshard)[0]:
+        by_path[_path_key(path)] = sh
+    shapes_by_path = {_path_key(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(pshapes)[0]}
+    oshapes = jax.eval_shape(tx.init, pshapes)
+    rep = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        key = _path_key(path)
+        for i in range(len(key)):
+            suf = key[i:]
+            if suf in by_path and shapes_by_path[suf] == leaf.shape:
+                return by_path[suf]
+        return rep
+
+    oshard = jax.tree_util.tree_map_with_path(pick, oshapes)
+    return {"params": pshard, "opt_state": oshard, "step": rep}, {"params": pshapes, "opt_state": oshapes,
+                                                                  "step": jax.ShapeDtypeStruct((), jnp.int32)}
+
+
+def create_state(cfg: ModelConfig, tx, mesh, rng=None, params=None, rules=DEFAULT_RULES):
+    """Initialise (or adopt `params`) directly into their shardings."""
+    shard, _ = state_shardings(cfg, tx, mesh, rules)
+
+    def init(key):
+        p = init_params(cfg, key) if params is None else params
+        return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
+
+    if params is None:
+        return jax.jit(init, out_shardings=shard)(rng if rng is not None else jax.random.key(0))
+    params = jax.device_put(params, shard["params"])
+    return {"params": params, "opt_state": jax.jit(tx.init, out_shardings=shard["opt_state"])(params),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), shard["step"])}
+
+
+def batch_specs(batch_shapes: Dict[str, tuple], mesh, rules=DEFAULT_RULES):
+    """Abstract batch arrays and their shardings (rows over the batch mesh axes)."""
+    abstract, shard = {}, {}
+    for k in BATCH_KEYS:
+        shape, dtype = batch_shapes[k]
+        abstract[k] = jax.ShapeDtypeStruct(shape, dtype)
+        shard[k] = NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, shape, mesh))
+    return abstract, shard
+
+
+def compile_step(cfg: ModelConfig, sc: StepConfig, stage: str, tx, mesh, batch_shapes, rules=DEFAULT_RULES,
+                 state_abstract=None):
+    """Lower and compile the step for one stage ahead of the loop. Returns (compiled, shardings)."""
+    s_shard, s_abs = state_shardings(cfg, tx, mesh, rules)
+    if state_abstract is not None:
+        s_abs = state_abstract
+    b_abs, b_shard = batch_specs(batch_shapes, mesh, rules)
+    rep = NamedSharding(mesh, P())
+
+    def fn(state, batch, bias_scale):
+        with use_sharding(mesh, rules):
+            return train_step(state, batch, bias_scale, cfg=cfg, sc=sc, stage=stage, tx=tx)
+
+    jitted = jax.jit(fn, in_shardings=(s_shard, b_shard, rep), out_shardings=(s_shard, rep), donate_argnums=(0,))
+    s_abs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s_abs, s_shard)
+    b_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in b_abs.items()}
+    lowered = jitted.lower(s_abs, b_abs, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
+    compiled = lowered.compile()
+    return compiled, {"state": s_shard, "batch": b_shard}
+
+
+def memory_report(compiled) -> Dict[str, float]:
+    """Per-device bytes from XLA's memory analysis (arguments, outputs, temporaries, generated code)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return {}
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+            "generated_code_size_in_bytes")
+    return {k.replace("_size_in_bytes", ""): float(getattr(m, k, 0)) for k in keys}

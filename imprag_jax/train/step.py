@@ -1,0 +1,204 @@
+"""The ImpRAG train step: one jitted function computes E_q, fresh E_p (with gradient), the reader's generation loss
+over all k candidates, the per-candidate teacher log-likelihoods (self-distillation stage, under stop_gradient),
+the retrieval loss and the optax update.
+
+    prompt ─► bottom ─► E_q ─────────────────────────────┐
+    candidates ─► bottom (each alone) ─► E_p ─► s(q,p) ───┼─► J_ret (NCE | KL)
+                      └─► middle (joint) ─► passage K/V   │
+    prompt ─► middle (+ passage K/V) ─► top ─► J_gen      │
+    prompt ×k ─► middle (one passage each) ─► top ─► log P(r|p,q) (stop_gradient) ─► P_T
+
+Two programs are compiled ahead of the loop, one per retrieval stage ("warmup" = NCE, "distill" = KL); neither
+recompiles afterwards (the batch has fixed shapes and the step-dependent scalars are arguments).
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..model import ModelConfig
+from ..model.transformer import (PassageKV, logits_from_hidden, passage_kv, prompt_offset, prompt_through,
+                                 retrieval_embedding, run_bottom)
+from . import losses
+
+BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage_mask", "passage_ids", "positives",
+              "retrieval_free")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static hyperparameters of the compiled step (changing one means a new program)."""
+
+    r_len: int = 8  # response tokens scored per example (the pipeline's L_r)
+    lam: float = 1.0  # weight of J_ret
+    tau_t: float = 1.0
+    tau_r: float = 1.0
+    nce_reduction: str = "sum"
+    score_bias: bool = False  # extension: add log_softmax_j s(q,p_j) to the attention logits of passage j
+    score_bias_grad: bool = False
+    accum: int = 1  # gradient accumulation micro-steps
+    teacher_chunks: int = 1  # >1: read the k teacher copies in chunks (lower peak memory)
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+
+
+def _response_logprobs(params, cfg, hidden, tokens, loss_mask, r_len):
+    src, tgt, valid = losses.response_positions(loss_mask, r_len)
+    h = jnp.take_along_axis(hidden, src[..., None], axis=1)  # [B, r, d]
+    logits = logits_from_hidden(params, cfg, h)
+    lp = losses.token_logprobs(logits, jnp.take_along_axis(tokens, tgt, axis=1))
+    return lp, valid
+
+
+def teacher_loglik(params, cfg: ModelConfig, sc: StepConfig, h_q, mask, tokens, loss_mask, h_p, passage_mask):
+    """log P(r | p_j, q) for every candidate j: the prompt reads candidate j alone (mean over response tokens).
+
+    Reuses the student's bottom-group states (each passage was encoded alone there); the passages go through the
+    middle group independently, in their own slots, so copy (i, j) sees exactly passage j of example i.
+    """
+    params, h_q, h_p = jax.lax.stop_gradient((params, h_q, h_p))
+    B, k, L, d = h_p.shape
+    pkv = passage_kv(params, cfg, h_p, passage_mask, attention="independent")
+    n_mid = pkv.k.shape[0]
+    kk = pkv.k.reshape(n_mid, B, k, L, *pkv.k.shape[3:])
+    vv = pkv.v.reshape(n_mid, B, k, L, *pkv.v.shape[3:])
+    pm = passage_mask.astype(bool)
+    off = prompt_offset(cfg, k, L)
+    # keys of passage j keep their slot positions (j*L ..), as in the student's read
+
+    def one(j):  # all examples, candidate j (j may be a traced index)
+        kv = PassageKV(jnp.take(kk, j, axis=2), jnp.take(vv, j, axis=2), jnp.take(pm, j, axis=1))
+        h = prompt_through(params, cfg, h_q, mask, kv, off)
+        lp, valid = _response_logprobs(params, cfg, h, tokens, loss_mask, sc.r_len)
+        v = valid.astype(jnp.float32)
+        return (lp * v).sum(-1) / jnp.maximum(v.sum(-1), 1.0)  # [B]
+
+    if sc.teacher_chunks > 1:
+        return jax.lax.map(one, jnp.arange(k)).T  # [B, k], sequential over candidates
+
+    # batched: B*k prompt copies at once
+    rep = lambda x: jnp.repeat(x, k, axis=0)
+    kv = PassageKV(kk.reshape(n_mid, B * k, L, *kk.shape[4:]), vv.reshape(n_mid, B * k, L, *vv.shape[4:]),
+                   pm.reshape(B * k, L))
+    # copy (i, j) = row i*k + j holds passage j's keys, already rotated at their slot-j positions
+    h = prompt_through(params, cfg, rep(h_q), rep(mask), kv, off)
+    lp, valid = _response_logprobs(params, cfg, h, rep(tokens), rep(loss_mask), sc.r_len)
+    v = valid.astype(jnp.float32)
+    return ((lp * v).sum(-1) / jnp.maximum(v.sum(-1), 1.0)).reshape(B, k)
+
+
+def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[str, jax.Array], bias_scale):
+    tokens, mask = batch["tokens"], batch["mask"]
+    rf = batch["retrieval_free"] > 0
+    pmask = batch["passage_mask"] * (~rf)[:, None, None].astype(batch["passage_mask"].dtype)
+    B, k, L = batch["passages"].shape
+    valid = (pmask.sum(-1) > 0) & (batch["passage_ids"] >= 0)  # [B, k]
+    example_mask = (~rf) & valid.any(-1)
+
+    # bottom group: prompt and each candidate alone
+    h_q = run_bottom(params, cfg, tokens, mask)
+    e_q = retrieval_embedding(params, cfg, h_q, batch["prompt_mask"], "q")
+    flat_t, flat_m = batch["passages"].reshape(B * k, L), pmask.reshape(B * k, L)
+    h_p = run_bottom(params, cfg, flat_t, flat_m)
+    e_p = retrieval_embedding(params, cfg, h_p, flat_m, "k").reshape(B, k, -1)
+    h_p = h_p.reshape(B, k, L, -1)
+    scores = jnp.einsum("bd,bkd->bk", e_q, e_p, preferred_element_type=jnp.float32)
+
+    bias = None
+    if sc.score_bias:
+        g = jax.nn.log_softmax(jnp.where(valid, scores, losses.NEG), axis=-1)
+        g = jnp.where(valid, g, 0.0)
+        if not sc.score_bias_grad:
+            g = jax.lax.stop_gradient(g)
+        bias = (bias_scale * jnp.repeat(g, L, axis=1))  # [B, k*L]
+
+    # middle (passages jointly) and the prompt's reading
+    pkv = passage_kv(params, cfg, h_p, pmask)
+    h = prompt_through(params, cfg, h_q, mask, pkv, prompt_offset(cfg, k, L), bias)
+    lp, rvalid = _response_logprobs(params, cfg, h, tokens, batch["loss_mask"], sc.r_len)
+    gen_sum, n_tok = losses.generation_nll(lp, rvalid)
+    gen = gen_sum / jnp.maximum(n_tok, 1.0)
+
+    metrics = {"gen_nll": gen, "n_tokens": n_tok, "n_ret_examples": example_mask.sum().astype(jnp.float32)}
+    pos = (batch["positives"] > 0) & valid
+    top = jnp.argmax(jnp.where(valid, scores, losses.NEG), axis=-1)
+    hit = jnp.take_along_axis(pos, top[:, None], axis=1)[:, 0]
+    metrics["cand_top1_is_pos"] = (hit & example_mask).sum() / jnp.maximum(example_mask.sum(), 1)
+
+    ret = jnp.zeros((), jnp.float32)
+    if stage == "warmup":
+        ret, _ = losses.multilabel_nce(e_q, e_p, batch["positives"], batch["passage_ids"], valid.astype(jnp.int32),
+                                       example_mask, sc.nce_reduction)
+        metrics["nce"] = ret
+    elif stage == "distill":
+        t_ll = teacher_loglik(params, cfg, sc, h_q, mask, tokens, batch["loss_mask"], h_p, pmask)
+        ret, p_t, p_r = losses.self_distillation_kl(t_ll, scores, valid, example_mask, sc.tau_t, sc.tau_r)
+        metrics["kl"] = ret
+        tt = jnp.argmax(jnp.where(valid, t_ll, losses.NEG), axis=-1)
+        metrics["teacher_top1_is_pos"] = ((jnp.take_along_axis(pos, tt[:, None], 1)[:, 0]) & example_mask).sum() \
+            / jnp.maximum(example_mask.sum(), 1)
+    elif stage != "none":
+        raise ValueError(f"unknown stage {stage!r}")
+    total = gen + sc.lam * ret
+    metrics["ret_loss"] = ret
+    metrics["loss"] = total
+    return total, metrics
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int, *, end_lr_ratio: float = 0.05,
+                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-8,
+                   clip: float = 1.0):
+    """AdamW with linear warmup and cosine decay, global-norm clipping; no decay on norm scales."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
+                                               end_value=lr * end_lr_ratio)
+    decay_mask = lambda p: jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(k, "key", None) == "scale" for k in path), p)
+    tx = optax.chain(optax.clip_by_global_norm(clip) if clip and clip > 0 else optax.identity(),
+                     optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    return tx, sched
+
+
+# ---------------------------------------------------------------------------------------------------- the step
+
+
+def _split_micro(x, accum):
+    # rows are laid out so that micro-batch a = rows a, a+A, a+2A, ...: the sharded batch dim stays first
+    b = x.shape[0] // accum
+    return jnp.swapaxes(x.reshape(b, accum, *x.shape[1:]), 0, 1)
+
+
+def train_step(state, batch, bias_scale, *, cfg: ModelConfig, sc: StepConfig, stage: str, tx):
+    """state = {"params", "opt_state", "step"} -> (new state, metrics). Pure; jit it with `compile_step`."""
+    params = state["params"]
+    grad_fn = jax.value_and_grad(partial(loss_fn, cfg=cfg, sc=sc, stage=stage), has_aux=True)
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    if sc.accum == 1:
+        (_, metrics), grads = grad_fn(params, batch=batch, bias_scale=bias_scale)
+    else:
+        micro = jax.tree.map(lambda x: _split_micro(x, sc.accum), batch)
+
+        def body(acc, mb):
+            (_, m), g = grad_fn(params, batch=mb, bias_scale=bias_scale)
+            return jax.tree.map(jnp.add, acc, (g, m)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        m0 = jax.eval_shape(lambda: grad_fn(params, batch=jax.tree.map(lambda x: x[0], micro),
+                                             bias_scale=bias_scale)[0][1])
+        m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+        (grads, metrics), _ = jax.lax.scan(body, (zeros, m0), micro)
+        grads = jax.tree.map(lambda g: g / sc.accum, grads)
+        metrics = {k: (v if k.startswith("n_") else v / sc.accum) for k, v in metrics.items()}
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["param_norm"] = optax.global_norm(new_params)
+    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

@@ -1,0 +1,336 @@
+"""The training loop: build everything from the config, compile the step ahead, train, checkpoint, evaluate.
+
+Resumable: the orbax CheckpointManager in <workdir>/checkpoints holds the train state, the data iterator state
+and the config; a restart with the same workdir continues from the latest step (a SIGTERM/SIGINT saves first).
+On CPU a resumed run reproduces the uninterrupted run's losses exactly (tests/test_train.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..model import ModelConfig
+from ..model.sharding import make_mesh
+from . import config_lib
+from .losses import stage_at
+from .state import compile_step, create_state, memory_report, state_shardings
+from .step import BATCH_KEYS, make_optimizer
+
+
+def log(msg: str):
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+class MetricWriter:
+    """metrics.jsonl plus TensorBoard (tensorboardX, when installed) on process 0."""
+
+    def __init__(self, workdir: str):
+        self.on = jax.process_index() == 0
+        self.f = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.on else None
+        self.tb = None
+        if self.on:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, metrics: Dict):
+        if not self.on:
+            return
+        row = {"step": int(step), **{k: (float(v) if not isinstance(v, (str, dict, list)) else v)
+                                     for k, v in metrics.items()}}
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k.replace("@", "_at"), v, step)
+
+    def close(self):
+        if self.f:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def load_model(c, tokenizer_vocab: Optional[int]):
+    """(ModelConfig, params or None, tokenizer or None) from config.model.init."""
+    init = c.model.init
+    if init == "random":
+        return config_lib.model_config(c, tokenizer_vocab), None, None
+    from ..convert.fetch import resolve_model
+
+    base_cfg, params, tok = resolve_model(init)
+    return config_lib.model_config(c, base=base_cfg), params, tok
+
+
+def _global_batch(batch: Dict[str, np.ndarray], shardings) -> Dict[str, jax.Array]:
+    out = {}
+    for k in BATCH_KEYS:
+        x = np.asarray(batch[k])
+        if jax.process_count() == 1:
+            out[k] = jax.device_put(x, shardings[k])
+        else:
+            out[k] = jax.make_array_from_process_local_data(shardings[k], x)
+    return out
+
+
+class _Stop:
+    """SIGTERM / SIGINT: finish the current step, save, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+        log(f"\n[train] signal {signum}: saving a checkpoint after this step, then stopping")
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def evaluate(params, cfg: ModelConfig, c, data_dir: str, tokenizer, *, tasks, limit, modes, ks, step: int,
+             mesh=None, corpus=None):
+    """Build the index with the current parameters and evaluate each task/mode/k. Returns a list of result rows."""
+    from ..data.pipeline import corpus_tokens
+    from ..infer.imprag import Retriever, evaluate_task
+
+    if corpus is None:
+        corpus = corpus_tokens(data_dir, tokenizer, c.data.l_max)
+    toks, mask = corpus
+    texts = _passage_texts(data_dir)
+    retriever = None
+    if "imprag" in modes:
+        retriever = Retriever.build(params, cfg, toks, mask, texts, step=step, mesh=None, backend=c.eval.backend)
+    rows = []
+    for task in tasks:
+        for mode in modes:
+            for k in (ks if mode == "imprag" else ([max(ks)] if mode != "closed_book" else [0])):
+                if mode == "oracle":
+                    k = 1
+                r = evaluate_task(params, cfg, data_dir, task, tokenizer, retriever, split=c.eval.split, mode=mode,
+                                  k=k, L_q=c.data.L_q, l_max=c.data.l_max, max_new_tokens=c.eval.max_new_tokens,
+                                  batch_size=c.eval.batch_size, limit=limit, use_score_bias=c.eval.score_bias)
+                rows.append(r)
+    return rows
+
+
+_TEXTS: Dict[str, list] = {}
+
+
+def _passage_texts(data_dir: str):
+    if data_dir not in _TEXTS:
+        with open(os.path.join(data_dir, "passages.jsonl")) as f:
+            _TEXTS[data_dir] = [(lambda o: f"{o.get('title', '')}: {o['text']}")(json.loads(line)) for line in f]
+    return _TEXTS[data_dir]
+
+
+def results_table(rows) -> str:
+    cols = ["task", "mode", "k", "n", "em", "accuracy", "gold_recall@1", "gold_recall@5", "answer_recall@1",
+            "answer_recall@5", "answer_recall@10"]
+    cols = [c for c in cols if any(c in r and r[c] is not None for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def train(c, workdir: str) -> Dict:
+    """Run training described by config `c` in `workdir`; returns the final metrics and evaluation rows."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from ..data.pipeline import TrainBatches, load_tokenizer
+
+    os.makedirs(workdir, exist_ok=True)
+    sc = config_lib.step_config(c)
+    ddir = config_lib.data_dir(c, workdir)
+    tokenizer = None
+    if c.model.init == "random":
+        tokenizer = load_tokenizer(ddir)
+    cfg, pre_params, pre_tok = load_model(c, tokenizer.vocab_size if tokenizer else None)
+    tokenizer = tokenizer or pre_tok
+    if tokenizer is None:
+        tokenizer = load_tokenizer(ddir)
+    bcfg = config_lib.batch_config(c)
+    mesh = make_mesh(**dict(c.mesh))
+    rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) for r in c.rules)
+    T = c.train
+    tx, sched = make_optimizer(T.lr, T.steps, T.warmup_steps, end_lr_ratio=T.end_lr_ratio,
+                               weight_decay=T.weight_decay, b1=T.b1, b2=T.b2, clip=T.clip)
+    log(f"[train] model: {cfg.num_layers} layers (b={cfg.b}, t={cfg.t}), d={cfg.hidden_size}, "
+        f"{cfg.num_params() / 1e6:.2f}M params; mesh {dict(mesh.shape)} over {jax.device_count()} devices "
+        f"({jax.process_count()} process(es))")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(c.to_json_best_effort(indent=2))
+
+    data = TrainBatches(ddir, tokenizer, bcfg, jax.process_index(), jax.process_count(), prefetch=c.data.prefetch)
+    probe = data.batch(0)
+    k_read = 0 if T.closed_book else bcfg.k
+    shapes = {k: ((probe[k].shape[0] * jax.process_count(),) + probe[k].shape[1:], probe[k].dtype) for k in BATCH_KEYS}
+    for key in ("passages", "passage_mask"):
+        shapes[key] = ((shapes[key][0][0], k_read) + shapes[key][0][2:], shapes[key][1])
+    for key in ("passage_ids", "positives"):
+        shapes[key] = ((shapes[key][0][0], k_read), shapes[key][1])
+
+    stages_needed = sorted({stage_at(s, T.steps, T.warmup_share, T.stages) for s in (0, T.steps - 1)})
+    compiled = {}
+    for stage in stages_needed:
+        t0 = time.time()
+        compiled[stage], shard = compile_step(cfg, sc, stage, tx, mesh, shapes, rules)
+        mem = memory_report(compiled[stage])
+        log(f"[train] compiled the '{stage}' step in {time.time() - t0:.1f}s; per-device memory: "
+            + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if v))
+    s_shard, s_abs = state_shardings(cfg, tx, mesh, rules)
+
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "meta"),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=T.keep, create=True,
+                                                                      enable_async_checkpointing=True))
+    latest = mngr.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s_abs, s_shard)
+        restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                data=ocp.args.JsonRestore(),
+                                                                meta=ocp.args.JsonRestore()))
+        state = restored["state"]
+        data.set_state(restored["data"])
+        log(f"[train] resumed from step {latest} ({ckpt_dir})")
+    else:
+        state = create_state(cfg, tx, mesh, jax.random.key(c.seed), params=pre_params, rules=rules)
+    start = int(jax.device_get(state["step"]))
+
+    def save(step, force=False):
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data=ocp.args.JsonSave(data.get_state()),
+                                                meta=ocp.args.JsonSave({"model": cfg.to_dict(), "step": step,
+                                                                        "name": c.name})), force=force)
+
+    writer = MetricWriter(workdir)
+    stopper = _Stop()
+    B_glob, L_tok = shapes["mask"][0]
+    tokens_per_step = int(B_glob * (L_tok + k_read * bcfg.l_max))  # prompt+response and passage slots
+    pbar = tqdm(total=T.steps, initial=start, desc="train", dynamic_ncols=True,
+                disable=jax.process_index() != 0 or not os.isatty(2) and os.environ.get("IMPRAG_PROGRESS") != "1",
+                mininterval=2.0)
+    t_start = time.time()
+    t_last, s_last = time.time(), start
+    last_metrics: Dict = {}
+    step = start
+    stopped_early = False
+    try:
+        for step in range(start, T.steps):
+            stage = stage_at(step, T.steps, T.warmup_share, T.stages)
+            host = data.batch(step) if step == start else next_batch
+            if T.closed_book:
+                host = _drop_passages(host)
+            batch = _global_batch(host, shard["batch"])
+            ramp = 1.0 if T.score_bias_ramp <= 0 else min(1.0, step / T.score_bias_ramp)
+            state, metrics = compiled[stage](state, batch, jnp.float32(ramp))
+            data.set_state({"step": step + 1})
+            next_batch = data.batch(step + 1) if step + 1 < T.steps else None  # overlaps with the device step
+            if (step + 1) % T.log_every == 0 or step + 1 == T.steps:
+                m = jax.device_get(metrics)
+                now = time.time()
+                m = {k: float(v) for k, v in m.items()}
+                m.update(stage=stage, lr=float(sched(step)), steps_per_s=(step + 1 - s_last) / (now - t_last),
+                         tokens_per_s=(step + 1 - s_last) * tokens_per_step / (now - t_last),
+                         elapsed_s=now - t_start)
+                t_last, s_last = now, step + 1
+                writer.write(step + 1, m)
+                last_metrics = m
+                pbar.set_postfix(loss=f"{m['loss']:.3f}", gen=f"{m['gen_nll']:.3f}", ret=f"{m['ret_loss']:.3f}",
+                                 tok_s=f"{m['tokens_per_s']:.0f}")
+                if pbar.disable:
+                    log(f"[train] step {step + 1}/{T.steps} {stage} loss {m['loss']:.4f} gen {m['gen_nll']:.4f} "
+                        f"ret {m['ret_loss']:.4f} {m['tokens_per_s']:.0f} tok/s")
+            pbar.update(1)
+            if T.ckpt_every and (step + 1) % T.ckpt_every == 0:
+                save(step + 1)
+            if T.eval_every and (step + 1) % T.eval_every == 0 and step + 1 < T.steps:
+                rows = evaluate(state["params"], cfg, c, ddir, tokenizer, tasks=parse(c.eval.dev_tasks),
+                                limit=c.eval.dev_limit, modes=["imprag"], ks=[1], step=step + 1)
+                writer.write(step + 1, {f"dev/{r['task']}/{key}": v for r in rows for key, v in r.items()
+                                        if isinstance(v, float)})
+            if stopper.requested:
+                stopped_early = True
+                break
+            if T.time_budget_s and time.time() - t_start > T.time_budget_s:
+                log(f"[train] time budget of {T.time_budget_s:.0f}s reached at step {step + 1}")
+                stopped_early = "budget"
+                break
+    finally:
+        pbar.close()
+        stopper.restore()
+        done = int(jax.device_get(state["step"]))
+        if mngr.latest_step() != done:
+            save(done, force=True)
+        mngr.wait_until_finished()
+        mngr.close()
+        data.close()
+    train_s = time.time() - t_start
+    result = {"step": done, "train_seconds": train_s, "metrics": last_metrics, "stopped_early": stopped_early}
+    if stopped_early is True:
+        writer.close()
+        return result
+    # final evaluation
+    t0 = time.time()
+    ks = [int(x) for x in parse(c.eval.k)]
+    rows = evaluate(state["params"], cfg, c, ddir, tokenizer, tasks=parse(c.eval.tasks), limit=c.eval.limit,
+                    modes=parse(c.eval.modes), ks=ks, step=done)
+    result["eval"] = rows
+    result["eval_seconds"] = time.time() - t0
+    writer.write(done, {f"eval/{r['task']}/{r['mode']}/k{r['k']}/{key}": v for r in rows for key, v in r.items()
+                        if isinstance(v, float)})
+    writer.close()
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        with open(os.path.join(workdir, "eval", "final.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        table = results_table(rows)
+        with open(os.path.join(workdir, "eval", "final.md"), "w") as f:
+            f.write(f"# {c.name}: step {done}, {train_s:.0f}s training\n\n{table}\n")
+        log(f"\n[eval] step {done} ({train_s:.0f}s training, {result['eval_seconds']:.0f}s evaluation)\n{table}")
+    return result
+
+
+def parse(s):
+    return config_lib.parse_list(s)
+
+
+def _drop_passages(b):
+    b = dict(b)
+    B = b["passages"].shape[0]
+    b["passages"] = b["passages"][:, :0]
+    b["passage_mask"] = b["passage_mask"][:, :0]
+    b["passage_ids"] = b["passage_ids"][:, :0]
+    b["positives"] = b["positives"][:, :0]
+    return b
