@@ -62,7 +62,7 @@ class TruncationStats:
     def summary(self) -> str:
         return (f"{self.prompts_truncated}/{self.prompts} prompts truncated ({self.prompt_tokens_cut} tokens cut), "
                 f"{self.passages_truncated}/{self.passages} passages truncated ({self.passage_tokens_cut} tokens cut), "
-                f"{self.passages_chunked} passages chunked into {self.chunks} chunks")
+                f"{self.passages_chunked}/{self.passages} passages chunked ({self.chunks} passages out)")
 
 
 def truncate_left(ids: Sequence[int], max_len: int) -> list:

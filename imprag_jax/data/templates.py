@@ -28,6 +28,9 @@ Public API
   * ``render_example(example, task_type=None, templates=None) -> str`` -- prompt of a `formats.Example`
     (``meta.fields`` when present, else parsed from ``input``).
   * ``merge_templates(overrides) -> dict``                          -- defaults updated with ``overrides``.
+  * ``task_type_for(name) -> str | None``                           -- task type of a KILT task name
+    (``KILT_TASK_TYPES``: nq/hotpotqa/triviaqa -> qa, fever -> fact_verification, trex/zsre -> slot_filling,
+    aida/wned/cweb -> entity_linking).
   * ``TemplateError(ValueError)``                                   -- unknown task type / missing field.
 """
 from __future__ import annotations

@@ -1,0 +1,685 @@
+"""Fixed-shape batches for ImpRAG training and evaluation, read with grain from ArrayRecord files.
+
+A prepared data directory (the synthetic world of `imprag_jax.data.synthetic` or the mini-KILT of
+`imprag_jax.data.prepare`) has ``passages.jsonl``, ``tasks/{task}.{split}.jsonl`` and, for retrieval tasks,
+``pseudo_labels/{task}.{split}.jsonl``. `prepare_records` turns each task split into
+``records/{task}.{split}.array_record`` (one JSON record per example: the templated prompt, the answers, gold /
+BM25-ranked / generator hard-negative passages as corpus ROWS, and the meta). Records are tokenizer-independent;
+tokenization happens when a batch is built, so one prepared directory serves every model. The iterators call
+`prepare_records` themselves when a record file is missing or older than its sources.
+
+Training batch (`TrainBatches`; every array is numpy, shapes fixed by `BatchConfig`, so a jitted step never
+recompiles)::
+
+    tokens         int32 [B, L]         prompt then response (+eos), right-padded with pad_id; L = L_q + L_r
+    mask           int32 [B, L]         1 on real tokens
+    prompt_mask    int32 [B, L]         1 on prompt tokens (E_q is read at the last one)
+    loss_mask      int32 [B, L]         1 on the tokens to predict (response incl. eos)
+    passages       int32 [B, k, l_max]  candidates: "{title}: {text}" then the end-of-passage id, right-padded
+    passage_mask   int32 [B, k, l_max]
+    passage_ids    int32 [B, k]         row of each candidate in passages.jsonl, -1 for an empty slot
+    positives      int32 [B, k]         1 for (pseudo-)positive candidates
+    retrieval_free int32 [B]            1 for format-teaching / plain-LM rows (no passages, generation loss only)
+    example_index  int32 [B]            row of the example in its task split
+
+``B`` is this host's share of the global batch ``batch_size + free_batch_size``. The retrieval-free rows sit at
+fixed, evenly spaced positions of the global batch, so every global batch has exactly ``free_batch_size`` of
+them. Plain-LM rows (``lm`` tasks) put one token (bos) in the prompt and the whole text in the response, up to L.
+
+Determinism: batch ``step`` is a pure function of (data, tokenizer, config, step). Each task split is shuffled
+per epoch by grain (``MapDataset.source(...).shuffle(seed).repeat()``), mixed by weight (``MapDataset.mix``), and
+every random choice for an example (negatives, candidate order, counterfactual values) is seeded by
+``(seed, task, epoch, example row)``. The iterator state is ``{"step": n, "seed": s, "fingerprint": f}``; resuming
+from it gives the same next batch, also on a different number of hosts.
+
+Public API
+  * ``BatchConfig`` -- shapes, mixture, candidate options, counterfactual ratio (``BatchConfig.synthetic()`` is the
+    recipe of docs/feasibility_tiny.md).
+  * ``TrainBatches(data_dir, tokenizer=None, cfg=BatchConfig(), process_index=0, process_count=1, prefetch=2)``
+    -- iterator; ``.batch(step)``, ``.global_batch(step)``, ``.get_state()``, ``.set_state(state)``,
+    ``.truncation_report()`` (prompts / passages / responses cut so far), ``.close()``.
+  * ``make_train_iterator(data_dir, tokenizer=None, **config)`` -- shorthand.
+  * ``eval_batches(data_dir, task, split="dev", tokenizer=None, batch_size=64, L_q=64, passages="none", k=1,
+    l_max=32, ...)`` -- prompt-only batches plus answers for EM; optional oracle ("gold") or BM25 ("pseudo")
+    passages.
+  * ``corpus_tokens(data_dir, tokenizer, l_max, ...) -> (tokens [N, l_max], mask [N, l_max])`` -- the
+    knowledge source as the model reads it (for the index).
+  * ``prepare_records(data_dir, tasks=None, splits=None, force=False) -> list[path]``;
+    ``load_tokenizer(data_dir)``; ``example_prompt(obj, task=None)``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import glob
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from imprag_jax.data import templates as T
+from imprag_jax.data.chunking import TITLE_FORMAT, TruncationStats, format_passage
+
+RECORDS_VERSION = 1
+BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage_mask", "passage_ids", "positives",
+              "retrieval_free", "example_index")
+
+
+# ------------------------------------------------------------------------------------------------- config
+@dataclass
+class BatchConfig:
+    """Everything that decides a training batch. All counts are GLOBAL (all hosts together)."""
+    batch_size: int = 32                 # retrieval rows per global batch
+    free_batch_size: int = 0             # retrieval-free rows (format teaching, plain LM) per global batch
+    L_q: int = 64                        # prompt tokens (cut from the left; bos kept)
+    L_r: int = 8                         # response tokens incl. eos (cut on the right)
+    l_max: int = 32                      # passage tokens incl. the end marker (cut on the right)
+    k: int = 10                          # candidate slots per example
+    tasks: Optional[Mapping[str, float]] = None       # retrieval task -> mixing weight; None: stats.json's list
+    free_tasks: Optional[Mapping[str, float]] = None  # retrieval-free task -> weight; None: stats.json's lists
+    lm_tasks: Sequence[str] = ("lm",)    # tasks read as plain text (meta.kind == "lm" also marks one)
+    split: str = "train"
+    positives: str = "pseudo"            # "pseudo": BM25 top n_pos | "gold": provenance | "both": gold + top n_pos
+    n_pos: int = 5
+    negatives: str = "bm25"              # "bm25": ranks neg_ranks | "generator": meta.hard_negatives | "both" | "random"
+    n_neg: int = 5
+    neg_ranks: tuple = (10, 50)          # 1-based, inclusive
+    random_neg_fraction: float = 0.0     # each negative is a random corpus passage with this probability
+    fill_random: bool = True             # fill slots a short negative pool leaves empty with random passages
+    exclude_gold_from_negatives: bool = True
+    cf: float = 0.0                      # share of synthetic training examples re-rendered counterfactually
+    cf_negatives: bool = False           # also re-render the other candidates of a counterfactual example
+    add_bos: bool = True
+    title_format: Optional[str] = TITLE_FORMAT
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.positives not in ("pseudo", "gold", "both"):
+            raise ValueError(f"positives must be pseudo|gold|both, got {self.positives!r}")
+        if self.negatives not in ("bm25", "generator", "both", "random"):
+            raise ValueError(f"negatives must be bm25|generator|both|random, got {self.negatives!r}")
+        if self.batch_size < 0 or self.free_batch_size < 0 or self.batch_size + self.free_batch_size == 0:
+            raise ValueError("need batch_size + free_batch_size > 0")
+        if min(self.L_q, self.L_r, self.l_max, self.k) < 1 or self.L_q < 2 or self.L_r < 1 or self.l_max < 2:
+            raise ValueError("L_q >= 2, L_r >= 1, l_max >= 2 and k >= 1 are needed")
+        if not 0.0 <= self.cf <= 1.0 or not 0.0 <= self.random_neg_fraction <= 1.0:
+            raise ValueError("cf and random_neg_fraction are probabilities")
+        lo, hi = self.neg_ranks
+        if lo < 1 or hi < lo:
+            raise ValueError(f"neg_ranks must satisfy 1 <= lo <= hi, got {self.neg_ranks}")
+
+    @property
+    def L(self) -> int:
+        return self.L_q + self.L_r
+
+    @classmethod
+    def synthetic(cls, **overrides) -> "BatchConfig":
+        """The synthetic-world recipe of docs/feasibility_tiny.md: gold + 3 generator hard negatives (25 % random),
+        counterfactual gold and negatives, 32 QA rows + 8 format-teaching rows per step, k = 4."""
+        base = dict(batch_size=32, free_batch_size=8, L_q=64, L_r=4, l_max=24, k=4, tasks={"qa": 1.0},
+                    free_tasks={"format": 1.0}, positives="gold", negatives="generator", n_neg=3,
+                    random_neg_fraction=0.25, cf=1.0, cf_negatives=True)
+        base.update(overrides)
+        return cls(**base)
+
+
+# ------------------------------------------------------------------------------------------------- files
+def load_tokenizer(data_dir: str):
+    """``DIR/tokenizer.json`` as a `Tokenizer` with ``<bos>``/``<eos>``/``<pad>`` (the synthetic world's)."""
+    from imprag_jax.data.tokenizer import Tokenizer
+
+    path = os.path.join(data_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{data_dir} has no tokenizer.json; pass the model's tokenizer")
+    return Tokenizer.from_file(path, bos="<bos>", eos="<eos>", pad="<pad>")
+
+
+def _read_stats(data_dir: str) -> dict:
+    p = os.path.join(data_dir, "stats.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            return json.load(f)
+    return {}
+
+
+def _passage_rows(data_dir: str) -> tuple:
+    """(list of (id, title, text), {id: row})."""
+    from imprag_jax.data.formats import iter_passages
+
+    ps = [(p.id, p.title, p.text) for p in iter_passages(os.path.join(data_dir, "passages.jsonl"))]
+    return ps, {pid: i for i, (pid, _, _) in enumerate(ps)}
+
+
+def example_prompt(obj: Mapping, task: Optional[str] = None) -> str:
+    """The templated prompt of a KILT record: ``meta.task_type`` (or the task name's type) with the templates of
+    `imprag_jax.data.templates`; without a task type the ``input`` already is the prompt."""
+    meta = obj.get("meta") or {}
+    tt = meta.get("task_type") or (T.task_type_for(task) if task else None)
+    if not tt:
+        return obj["input"]
+    fields = meta.get("fields") if isinstance(meta.get("fields"), dict) else T.fields_from_input(tt, obj["input"])
+    return T.render(tt, fields)
+
+
+def _record_path(data_dir: str, task: str, split: str) -> str:
+    return os.path.join(data_dir, "records", f"{task}.{split}.array_record")
+
+
+def available_tasks(data_dir: str, split: str) -> list:
+    return sorted(os.path.basename(p)[:-len(f".{split}.jsonl")]
+                  for p in glob.glob(os.path.join(data_dir, "tasks", f"*.{split}.jsonl")))
+
+
+def prepare_records(data_dir: str, tasks: Optional[Sequence[str]] = None, splits: Optional[Sequence[str]] = None,
+                    force: bool = False) -> list:
+    """Write ``records/{task}.{split}.array_record`` for the given task splits (all by default) when missing or
+    older than the task / pseudo-label files. Returns the record paths."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from imprag_jax.data.formats import iter_jsonl
+
+    todo = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "tasks", "*.jsonl"))):
+        task, split = os.path.basename(path)[:-len(".jsonl")].rsplit(".", 1)
+        if (tasks is None or task in tasks) and (splits is None or split in splits):
+            todo.append((task, split, path))
+    if tasks is not None:
+        missing = {(t, s) for t in tasks for s in (splits or ())} - {(t, s) for t, s, _ in todo}
+        if missing:
+            raise FileNotFoundError(f"no task file for {sorted(missing)} in {data_dir}/tasks")
+    rows = None
+    out = []
+    for task, split, path in todo:
+        rec_path = _record_path(data_dir, task, split)
+        pl_path = os.path.join(data_dir, "pseudo_labels", f"{task}.{split}.jsonl")
+        sources = [path, os.path.join(data_dir, "passages.jsonl")] + ([pl_path] if os.path.exists(pl_path) else [])
+        out.append(rec_path)
+        if (not force and os.path.exists(rec_path)
+                and os.path.getmtime(rec_path) >= max(os.path.getmtime(s) for s in sources)):
+            continue
+        if rows is None:
+            rows = _passage_rows(data_dir)[1]
+        ranked = {}
+        if os.path.exists(pl_path):
+            for _, obj in iter_jsonl(pl_path):
+                ranked[obj["id"]] = [rows[p] for p in obj["ranked"] if p in rows]
+        os.makedirs(os.path.dirname(rec_path), exist_ok=True)
+        tmp = f"{rec_path}.tmp{os.getpid()}"
+        w = ArrayRecordWriter(tmp, "group_size:1")
+        for n, (_, obj) in enumerate(iter_jsonl(path)):
+            meta = dict(obj.get("meta") or {})
+            outputs = obj.get("output") or []
+            answers = [o["answer"] for o in outputs if isinstance(o.get("answer"), str) and o["answer"].strip()]
+            gold = []
+            for o in outputs:
+                for p in o.get("provenance") or []:
+                    r = rows.get(str(p.get("passage_id")))
+                    if r is not None and r not in gold:
+                        gold.append(r)
+            hn = [rows[p] for p in meta.pop("hard_negatives", []) or [] if p in rows]
+            kind = meta.get("kind") or "retrieval"
+            rec = {"v": RECORDS_VERSION, "row": n, "task": task, "id": obj["id"], "kind": kind,
+                   "prompt": example_prompt(obj, task), "input": obj["input"], "answers": answers, "gold": gold,
+                   "ranked": ranked.get(obj["id"], []), "hard_negatives": hn, "meta": meta}
+            w.write(json.dumps(rec, separators=(",", ":")).encode("utf-8"))
+        w.close()
+        os.replace(tmp, rec_path)
+    return out
+
+
+def _source(path: str):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    return ArrayRecordDataSource([path])
+
+
+def _crc(s: str) -> int:
+    return zlib.crc32(s.encode("utf-8")) & 0x7FFFFFFF
+
+
+# ------------------------------------------------------------------------------------------------- tokenizing
+class _Encoder:
+    """Token-level helpers shared by the train and eval builders."""
+
+    def __init__(self, tokenizer, title_format: Optional[str], add_bos: bool):
+        if tokenizer.eos_id is None:
+            raise ValueError("the tokenizer has no eos id")
+        self.tok = tokenizer
+        self.pad = int(tokenizer.pad_id)
+        self.eos = int(tokenizer.eos_id)
+        self.bos = int(tokenizer.bos_id) if (add_bos and tokenizer.bos_id is not None) else None
+        eop = tokenizer.token_to_id("<eop>")
+        self.eop = int(eop) if eop is not None else self.eos
+        self.title_format = title_format
+
+    def prompt(self, text: str, L_q: int, stats: TruncationStats) -> list:
+        ids = self.tok.encode(text)
+        room = L_q - (self.bos is not None)
+        stats.prompts += 1
+        if len(ids) > room:
+            stats.prompts_truncated += 1
+            stats.prompt_tokens_cut += len(ids) - room
+            ids = ids[len(ids) - room:]
+        return ([self.bos] if self.bos is not None else []) + list(ids)
+
+    def response(self, answer: str, L_r: int, stats: dict) -> list:
+        ids = self.tok.encode(" " + " ".join(answer.split()))
+        stats["responses"] = stats.get("responses", 0) + 1
+        if len(ids) > L_r - 1:
+            stats["responses_truncated"] = stats.get("responses_truncated", 0) + 1
+            ids = ids[:L_r - 1]
+        return list(ids) + [self.eos]
+
+    def passage(self, title: str, text: str, l_max: int, stats: TruncationStats) -> list:
+        ids = self.tok.encode(format_passage(title, text, self.title_format))
+        stats.passages += 1
+        if len(ids) > l_max - 1:
+            stats.passages_truncated += 1
+            stats.passage_tokens_cut += len(ids) - (l_max - 1)
+            ids = ids[:l_max - 1]
+        return list(ids) + [self.eop]
+
+    def passages(self, items: Sequence[tuple], l_max: int, stats: TruncationStats) -> tuple:
+        """[N, l_max] tokens and mask for (title, text) pairs (batched tokenization)."""
+        toks = np.full((len(items), l_max), self.pad, np.int32)
+        mask = np.zeros((len(items), l_max), np.int32)
+        texts = [format_passage(t, x, self.title_format) for t, x in items]
+        enc = self.tok.encode_batch(texts) if hasattr(self.tok, "encode_batch") else [self.tok.encode(t) for t in texts]
+        for i, ids in enumerate(enc):
+            stats.passages += 1
+            if len(ids) > l_max - 1:
+                stats.passages_truncated += 1
+                stats.passage_tokens_cut += len(ids) - (l_max - 1)
+                ids = ids[:l_max - 1]
+            n = len(ids) + 1
+            toks[i, :n] = list(ids) + [self.eop]
+            mask[i, :n] = 1
+        return toks, mask
+
+
+def corpus_tokens(data_dir: str, tokenizer=None, l_max: int = 32, title_format: Optional[str] = TITLE_FORMAT,
+                  stats: Optional[TruncationStats] = None) -> tuple:
+    """Every passage of ``passages.jsonl`` as the model reads it: ``(tokens [N, l_max], mask [N, l_max])``."""
+    tokenizer = tokenizer or load_tokenizer(data_dir)
+    ps, _ = _passage_rows(data_dir)
+    return _Encoder(tokenizer, title_format, False).passages([(t, x) for _, t, x in ps], l_max,
+                                                            stats if stats is not None else TruncationStats())
+
+
+# ------------------------------------------------------------------------------------------------- training
+class TrainBatches:
+    """Deterministic, resumable iterator over fixed-shape training batches (this host's rows).
+
+    ``batch(step)`` builds any batch directly; iteration yields ``batch(state.step)`` and advances. ``prefetch``
+    batches are built ahead in a background thread.
+    """
+
+    def __init__(self, data_dir: str, tokenizer=None, cfg: Optional[BatchConfig] = None, process_index: int = 0,
+                 process_count: int = 1, prefetch: int = 2, world=None):
+        import grain
+
+        self.cfg = cfg = cfg or BatchConfig()
+        self.data_dir = data_dir
+        B = cfg.batch_size + cfg.free_batch_size
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"bad process_index/process_count {process_index}/{process_count}")
+        if B % process_count:
+            raise ValueError(f"global batch {B} is not divisible by process_count {process_count}")
+        self.process_index, self.process_count = process_index, process_count
+        self.tokenizer = tokenizer or load_tokenizer(data_dir)
+        self.enc = _Encoder(self.tokenizer, cfg.title_format, cfg.add_bos)
+        stats = _read_stats(data_dir)
+        tasks = dict(cfg.tasks) if cfg.tasks is not None else {
+            t: 1.0 for t in stats.get("retrieval_tasks", []) if t in available_tasks(data_dir, cfg.split)}
+        free = dict(cfg.free_tasks) if cfg.free_tasks is not None else {
+            t: 1.0 for t in stats.get("free_tasks", []) + stats.get("lm_tasks", [])
+            if t in available_tasks(data_dir, cfg.split)}
+        if cfg.batch_size and not tasks:
+            raise ValueError(f"no retrieval tasks for split {cfg.split!r} in {data_dir}")
+        if cfg.free_batch_size and not free:
+            raise ValueError(f"free_batch_size={cfg.free_batch_size} but no retrieval-free tasks")
+        self.tasks, self.free_tasks = (tasks if cfg.batch_size else {}), (free if cfg.free_batch_size else {})
+        prepare_records(data_dir, list(self.tasks) + list(self.free_tasks), [cfg.split])
+
+        self.passages, self.passage_index = _passage_rows(data_dir)
+        self.n_passages = len(self.passages)
+        self._ptok = None  # corpus tokens, built on first use
+        self.world = world
+        if cfg.cf > 0 and self.world is None and os.path.exists(os.path.join(data_dir, "world.json")):
+            from imprag_jax.data.synthetic import World
+            self.world = World.load(data_dir)
+
+        def stream(names: Mapping[str, float]):
+            if not names:
+                return None
+            parts, weights = [], []
+            for t, wgt in names.items():
+                src = _source(_record_path(data_dir, t, cfg.split))
+                n = len(src)
+                if n == 0:
+                    raise ValueError(f"task {t}.{cfg.split} is empty")
+                ds = (grain.MapDataset.source(src).shuffle(seed=_crc(f"{cfg.seed}:{t}")).repeat()
+                      .map_with_index(lambda i, rec, n=n: (i // n, rec)))
+                parts.append(ds)
+                weights.append(float(wgt))
+            return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+
+        self._retr, self._free = stream(self.tasks), stream(self.free_tasks)
+        # fixed layout of the global batch: retrieval-free rows evenly spaced
+        Bf = cfg.free_batch_size
+        free_pos = {(i + 1) * B // Bf - 1 for i in range(Bf)} if Bf else set()
+        self._layout, nr, nf = [], 0, 0
+        for j in range(B):
+            if j in free_pos:
+                self._layout.append(("free", nf))
+                nf += 1
+            else:
+                self._layout.append(("retr", nr))
+                nr += 1
+        self.global_batch_size, self.host_batch_size = B, B // process_count
+        self.truncation = TruncationStats()          # prompts and batch-time (counterfactual) passages
+        self.corpus_truncation = TruncationStats()   # the corpus, tokenized once
+        self.response_truncation: dict = {"responses": 0, "responses_truncated": 0, "lm": 0, "lm_truncated": 0}
+        self._step = 0
+        self._prefetch = max(0, int(prefetch))
+        self._pool = None
+        self._pending: dict = {}
+
+    def truncation_report(self) -> dict:
+        """Counts over the batches built so far (prefetched ones included) and the corpus."""
+        out = {f"{k}": v for k, v in self.truncation.as_dict().items() if not k.startswith(("chunk", "passages_ch"))}
+        out.update({f"corpus_{k}": v for k, v in self.corpus_truncation.as_dict().items()
+                    if k in ("passages", "passages_truncated", "passage_tokens_cut")})
+        out.update(self.response_truncation)
+        return out
+
+    # ------------------------------------------------------------------ state
+    @property
+    def fingerprint(self) -> int:
+        """A checksum of the data config (not of the host count: global batches do not depend on it)."""
+        d = dataclasses.asdict(self.cfg)
+        d.update(tasks=self.tasks, free_tasks=self.free_tasks)
+        return _crc(json.dumps(d, sort_keys=True, default=str))
+
+    def get_state(self) -> dict:
+        """``{"step", "seed", "fingerprint"}`` (JSON-able): the next batch to yield."""
+        return {"step": int(self._step), "seed": int(self.cfg.seed), "fingerprint": self.fingerprint}
+
+    def set_state(self, state: Mapping) -> None:
+        """Resume at ``state["step"]``. Raises if the state came from another seed or config (drop
+        ``"fingerprint"`` from the state to resume on purpose with a changed config)."""
+        if int(state.get("seed", self.cfg.seed)) != self.cfg.seed:
+            raise ValueError(f"iterator state is for seed {state.get('seed')}, this iterator has {self.cfg.seed}")
+        if "fingerprint" in state and int(state["fingerprint"]) != self.fingerprint:
+            raise ValueError("iterator state comes from a different data config (batch sizes, tasks, candidates, "
+                             "shapes); drop its 'fingerprint' to resume anyway")
+        self._drop_pending()
+        self._step = int(state["step"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        step = self._step
+        if self._prefetch:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imprag-data")
+            for s in range(step, step + self._prefetch + 1):
+                if s not in self._pending:
+                    self._pending[s] = self._pool.submit(self.batch, s)
+            batch = self._pending.pop(step).result()
+        else:
+            batch = self.batch(step)
+        self._step = step + 1
+        return batch
+
+    def _drop_pending(self):
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()
+
+    def close(self):
+        self._drop_pending()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # ------------------------------------------------------------------ batches
+    def _rows(self, step: int, lo: int, hi: int) -> list:
+        cfg = self.cfg
+        rows = []
+        for j in range(lo, hi):
+            kind, pos = self._layout[j]
+            if kind == "retr":
+                epoch, raw = self._retr[step * cfg.batch_size + pos]
+            else:
+                epoch, raw = self._free[step * cfg.free_batch_size + pos]
+            rows.append(self._row(json.loads(raw), int(epoch)))
+        return rows
+
+    def batch(self, step: int) -> dict:
+        """This host's rows of global batch ``step``."""
+        h = self.host_batch_size
+        return _stack(self._rows(step, self.process_index * h, (self.process_index + 1) * h), self.cfg)
+
+    def global_batch(self, step: int) -> dict:
+        """All rows of global batch ``step`` (the concatenation of every host's `batch`)."""
+        return _stack(self._rows(step, 0, self.global_batch_size), self.cfg)
+
+    def _corpus(self):
+        if self._ptok is None:
+            self._ptok = self.enc.passages([(t, x) for _, t, x in self.passages], self.cfg.l_max,
+                                           self.corpus_truncation)
+        return self._ptok
+
+    def _row(self, rec: dict, epoch: int) -> dict:
+        cfg = self.cfg
+        seed = [cfg.seed, _crc(rec["task"]), epoch, rec["row"]]
+        rng = np.random.default_rng(seed)
+        cf = None
+        if (self.world is not None and cfg.cf > 0 and rng.random() < cfg.cf
+                and rec["task"] in self.world.examples):  # tasks the world can re-render
+            cf = self.world.counterfactual(rec["task"], rec["meta"], seed + [1])
+        prompt = cf.prompt if cf else rec["prompt"]
+        answer = cf.answer if cf else (rec["answers"][0] if rec["answers"] else "")
+        is_lm = rec["task"] in cfg.lm_tasks or rec["kind"] == "lm"
+        if is_lm or rec["kind"] == "free" or rec["task"] in self.free_tasks:
+            return self._free_row(rec, prompt, answer, is_lm)
+        gold = [self.passage_index[g] for g in cf.gold] if cf else list(rec["gold"])
+        cands, pos = self._candidates(rec, gold, rng)
+        if cf and not set(gold) <= set(cands):  # pseudo positives missed the counterfactual gold: keep it real
+            cf, prompt, answer = None, rec["prompt"], (rec["answers"][0] if rec["answers"] else "")
+        p_ids = self.enc.prompt(prompt, cfg.L_q, self.truncation)
+        r_ids = self.enc.response(answer, cfg.L_r, self.response_truncation)
+        row = self._tokens(p_ids, r_ids, rec["row"])
+        ptok, pmask = self._corpus()
+        toks = np.full((cfg.k, cfg.l_max), self.enc.pad, np.int32)
+        mask = np.zeros((cfg.k, cfg.l_max), np.int32)
+        texts = {}
+        if cf:
+            texts = {self.passage_index[g]: t for g, t in cf.texts.items()}
+            if cfg.cf_negatives:
+                others = [self.passages[c][0] for c in cands if c not in texts]
+                texts.update({self.passage_index[p]: t for p, t in
+                              self.world.counterfactual_passages(others, seed + [2], cf).items()})
+        for j, c in enumerate(cands):
+            if c in texts:
+                ids = self.enc.passage(self.passages[c][1], texts[c], cfg.l_max, self.truncation)
+                toks[j, :len(ids)] = ids
+                mask[j, :len(ids)] = 1
+            else:
+                toks[j], mask[j] = ptok[c], pmask[c]
+        ids = np.full((cfg.k,), -1, np.int32)
+        ids[:len(cands)] = cands
+        positives = np.zeros((cfg.k,), np.int32)
+        positives[:len(cands)] = [c in pos for c in cands]
+        row.update(passages=toks, passage_mask=mask, passage_ids=ids, positives=positives,
+                   retrieval_free=np.int32(0))
+        return row
+
+    def _candidates(self, rec: dict, gold: list, rng) -> tuple:
+        """(candidate rows in slot order, set of positive rows)."""
+        cfg = self.cfg
+        ranked = rec["ranked"]
+        if cfg.positives == "pseudo":
+            P = list(ranked[:cfg.n_pos])
+        elif cfg.positives == "gold":
+            P = list(gold)
+        else:
+            P = list(gold) + [r for r in ranked[:cfg.n_pos] if r not in gold]
+        P = P[:cfg.k]
+        taken = set(P) | (set(gold) | set(rec["gold"]) if cfg.exclude_gold_from_negatives else set())
+        lo, hi = cfg.neg_ranks
+        pool: list = []
+        if cfg.negatives in ("generator", "both"):
+            pool += rec["hard_negatives"]
+        if cfg.negatives in ("bm25", "both"):
+            pool += ranked[lo - 1:hi]
+        pool = list(dict.fromkeys(r for r in pool if r not in taken))
+        want = max(0, min(cfg.n_neg, cfg.k - len(P)))
+        order = rng.permutation(len(pool))
+        negs, used = [], set(taken)
+        for i in order:
+            if len(negs) == want:
+                break
+            negs.append(int(pool[i]))
+            used.add(int(pool[i]))
+        for j in range(len(negs)):
+            if cfg.negatives == "random" or rng.random() < cfg.random_neg_fraction:
+                used.discard(negs[j])
+                negs[j] = self._random_passage(rng, used)
+                used.add(negs[j])
+        if cfg.fill_random or cfg.negatives == "random":
+            while len(negs) < want and len(used) < self.n_passages:
+                r = self._random_passage(rng, used)
+                negs.append(r)
+                used.add(r)
+        cands = P + negs
+        cands = [cands[i] for i in rng.permutation(len(cands))]
+        return cands, set(P)
+
+    def _random_passage(self, rng, avoid: set) -> int:
+        while True:
+            r = int(rng.integers(self.n_passages))
+            if r not in avoid:
+                return r
+
+    def _tokens(self, p_ids: list, r_ids: list, example_row: int) -> dict:
+        L = self.cfg.L
+        toks = np.full((L,), self.enc.pad, np.int32)
+        seq = p_ids + r_ids
+        toks[:len(seq)] = seq
+        mask = np.zeros((L,), np.int32)
+        mask[:len(seq)] = 1
+        pm = np.zeros((L,), np.int32)
+        pm[:len(p_ids)] = 1
+        lm = np.zeros((L,), np.int32)
+        lm[len(p_ids):len(seq)] = 1
+        return {"tokens": toks, "mask": mask, "prompt_mask": pm, "loss_mask": lm,
+                "example_index": np.int32(example_row)}
+
+    def _free_row(self, rec: dict, prompt: str, answer: str, is_lm: bool) -> dict:
+        cfg = self.cfg
+        if is_lm:  # one sequence: bos (the prompt) then the text, loss on the text, up to L tokens
+            ids = self.tok_text(f"{prompt} {answer}")
+            head = [self.enc.bos] if self.enc.bos is not None else ids[:1]
+            body = ids if self.enc.bos is not None else ids[1:]
+            room = cfg.L - len(head) - 1
+            self.response_truncation["lm"] += 1
+            if len(body) > room:
+                self.response_truncation["lm_truncated"] = self.response_truncation.get("lm_truncated", 0) + 1
+                body = body[:room]
+            row = self._tokens(head, body + [self.enc.eos], rec["row"])
+        else:
+            row = self._tokens(self.enc.prompt(prompt, cfg.L_q, self.truncation),
+                               self.enc.response(answer, cfg.L_r, self.response_truncation), rec["row"])
+        row.update(passages=np.full((cfg.k, cfg.l_max), self.enc.pad, np.int32),
+                   passage_mask=np.zeros((cfg.k, cfg.l_max), np.int32), passage_ids=np.full((cfg.k,), -1, np.int32),
+                   positives=np.zeros((cfg.k,), np.int32), retrieval_free=np.int32(1))
+        return row
+
+    def tok_text(self, text: str) -> list:
+        return list(self.tokenizer.encode(text))
+
+
+def _stack(rows: list, cfg: BatchConfig) -> dict:
+    if not rows:
+        raise ValueError("empty batch")
+    return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in BATCH_KEYS}
+
+
+def make_train_iterator(data_dir: str, tokenizer=None, process_index: int = 0, process_count: int = 1,
+                        prefetch: int = 2, **config) -> TrainBatches:
+    """``TrainBatches(data_dir, tokenizer, BatchConfig(**config), process_index, process_count, prefetch)``."""
+    return TrainBatches(data_dir, tokenizer, BatchConfig(**config), process_index, process_count, prefetch)
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def eval_batches(data_dir: str, task: str, split: str = "dev", tokenizer=None, *, batch_size: int = 64,
+                 L_q: int = 64, passages: str = "none", k: int = 1, l_max: int = 32, add_bos: bool = True,
+                 title_format: Optional[str] = TITLE_FORMAT, limit: Optional[int] = None, process_index: int = 0,
+                 process_count: int = 1, stats: Optional[TruncationStats] = None) -> Iterator[dict]:
+    """Prompt-only batches for EM evaluation, in file order, every batch the same shape.
+
+    Yields dicts with numpy arrays ``tokens``/``mask``/``prompt_mask`` ``[b, L_q]`` (right-padded; the last prompt
+    token is at ``mask.sum(-1) - 1``), ``example_index [b]`` (-1 for padding rows of the last batch), ``valid [b]``,
+    ``gold_ids [b, G]`` (gold passage rows, -1 padded; G = the split's largest gold set, at least 1), and lists
+    ``answers`` (list of answer strings per row) and ``ids``. ``passages="gold"`` (oracle reading) or ``"pseudo"``
+    (BM25 top k) adds ``passages``/``passage_mask [b, k, l_max]`` and ``passage_ids [b, k]``. ``b`` is this host's
+    share of ``batch_size``.
+    """
+    if passages not in ("none", "gold", "pseudo"):
+        raise ValueError(f"passages must be none|gold|pseudo, got {passages!r}")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+    tokenizer = tokenizer or load_tokenizer(data_dir)
+    enc = _Encoder(tokenizer, title_format, add_bos)
+    stats = stats if stats is not None else TruncationStats()
+    prepare_records(data_dir, [task], [split])
+    src = _source(_record_path(data_dir, task, split))
+    n = len(src) if limit is None else min(limit, len(src))
+    recs = [json.loads(src[i]) for i in range(n)]
+    G = max([len(r["gold"]) for r in recs] + [1])
+    ps = _passage_rows(data_dir)[0] if passages != "none" else None
+    h = batch_size // process_count
+    for start in range(0, n, batch_size):
+        lo = start + process_index * h
+        chunk = [recs[i] if i < n else None for i in range(lo, lo + h)]
+        toks = np.full((h, L_q), enc.pad, np.int32)
+        mask = np.zeros((h, L_q), np.int32)
+        idx = np.full((h,), -1, np.int32)
+        gold = np.full((h, G), -1, np.int32)
+        out = {"answers": [], "ids": []}
+        pt = np.full((h, k, l_max), enc.pad, np.int32) if ps else None
+        pm = np.zeros((h, k, l_max), np.int32) if ps else None
+        pid = np.full((h, k), -1, np.int32) if ps else None
+        for i, r in enumerate(chunk):
+            if r is None:
+                out["answers"].append([])
+                out["ids"].append("")
+                continue
+            ids = enc.prompt(r["prompt"], L_q, stats)
+            toks[i, :len(ids)] = ids
+            mask[i, :len(ids)] = 1
+            idx[i] = r["row"]
+            gold[i, :len(r["gold"])] = r["gold"]
+            out["answers"].append(list(r["answers"]))
+            out["ids"].append(r["id"])
+            if ps:
+                cands = (r["gold"] if passages == "gold" else r["ranked"])[:k]
+                if cands:
+                    t, m = enc.passages([(ps[c][1], ps[c][2]) for c in cands], l_max, stats)
+                    pt[i, :len(cands)], pm[i, :len(cands)] = t, m
+                    pid[i, :len(cands)] = cands
+        out.update(tokens=toks, mask=mask, prompt_mask=mask.copy(), example_index=idx, valid=(idx >= 0).astype(np.int32),
+                   gold_ids=gold)
+        if ps:
+            out.update(passages=pt, passage_mask=pm, passage_ids=pid)
+        yield out
+
+
+__all__ = ["BatchConfig", "TrainBatches", "make_train_iterator", "eval_batches", "corpus_tokens", "prepare_records",
+           "load_tokenizer", "example_prompt", "available_tasks", "BATCH_KEYS", "RECORDS_VERSION"]

@@ -1,0 +1,694 @@
+"""Build imprag_jax's task files, knowledge source and BM25 pseudo-labels.
+
+Mini-KILT from the original release files (``../shared/data`` relative to the repository root)::
+
+    python -m imprag_jax.data.prepare --source ../shared/data --out DIR [--seed 0] [--l_max 100]
+
+Full-size KILT files, validated, copied and pseudo-labelled (the knowledge source may be passage JSONL
+``{"id", "title", "text"}`` or KILT's own one-page-per-line file)::
+
+    python -m imprag_jax.data.prepare --kilt_knowledge kilt_knowledgesource.json \\
+        --kilt_task nq.dev=nq-dev-kilt.jsonl --kilt_task trex.dev=trex-dev-kilt.jsonl --out DIR
+
+Output in DIR::
+
+    passages.jsonl                     pooled knowledge source, deduplicated
+    tasks/{task}.{split}.jsonl         KILT task files (meta.task_type / meta.fields drive the templates)
+    pseudo_labels/{task}.{split}.jsonl BM25 top-50 per example, query = the templated prompt
+    stats.json                         counts, chunking, dropped records, BM25 recall@1/5/10
+
+Mini-KILT tasks: ``nq`` and ``squad`` (seen formats, train/dev split by question text) and ``hotpotqa``,
+``scifact``, ``trex`` (unseen formats, evaluation only: split ``dev``). No evaluation question text occurs in
+any train file. Passages longer than ``--l_max`` words are split at sentence boundaries (``0`` = keep whole);
+provenance points at the chunk that holds the evidence. The output is a deterministic function of the inputs
+and the flags: two runs write the same bytes.
+
+Public API (besides the command line)
+  * ``build_minikilt(source, seed=0, l_max=100, dev_frac=0.2, limit=None) -> MiniKilt`` (passages, examples per
+    ``(task, split)``, stats) -- no files written.
+  * ``prepare_minikilt(source, out, seed=0, l_max=100, dev_frac=0.2, limit=None, bm25_k=50, query="prompt",
+    show_progress=True) -> dict`` (the stats).
+  * ``prepare_kilt(tasks, knowledge, out, l_max=0, bm25_k=50, task_types=None, ...) -> dict``.
+  * ``stats_markdown(stats) -> str`` -- the tables of ``docs/data.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import sys
+import time
+import zipfile
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+from imprag_jax.data.chunking import pack_sentences, split_sentences
+from imprag_jax.data.formats import (DataError, Example, Output, Passage, iter_examples, iter_jsonl,
+                                     iter_passages, validate_examples, write_examples, write_passages)
+from imprag_jax.data.pseudo_labels import (BM25Index, answer_in_text, label_examples, normalize_text, recall_at_k,
+                                           write_pseudo_labels)
+from imprag_jax.data.templates import fields_from_input, render, task_type_for
+
+SEEN_TASKS = ("nq", "squad")
+UNSEEN_TASKS = ("hotpotqa", "scifact", "trex")
+SOURCE_ORDER = ("nq", "squad", "hotpotqa", "scifact", "trex", "dpr")  # first copy of a duplicate passage wins
+RECALL_KS = (1, 5, 10)
+FEVER_LABELS = {"SUPPORTS": "True", "REFUTES": "False"}
+
+
+# --------------------------------------------------------------------------------------------- intermediate
+@dataclass
+class Doc:
+    """A source document before chunking: sentences, so evidence can be located in a chunk."""
+    id: str
+    title: str
+    sentences: list
+    source: str
+
+
+@dataclass
+class RawExample:
+    task: str
+    id: str
+    input: str
+    answers: list
+    task_type: str
+    fields: dict
+    refs: list  # [(doc_id, frozenset(sentence ids) | None)]; None: the chunk(s) holding an answer
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class MiniKilt:
+    passages: list  # [Passage]
+    examples: dict  # {(task, split): [Example]}
+    stats: dict
+
+
+def _distinct(xs):
+    out, seen = [], set()
+    for x in xs:
+        x = " ".join(str(x).split())
+        if x and x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def _path(source: str, *parts: str) -> str:
+    p = os.path.join(source, *parts)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"missing source file {p} (see ../shared/data/README.md for the expected layout)")
+    return p
+
+
+def _sentences_of(text: str) -> list:
+    return [text[s:e] for s, e in split_sentences(text)]
+
+
+# ------------------------------------------------------------------------------------------------ converters
+def convert_nq(source: str, limit: Optional[int] = None, drops: Optional[Counter] = None):
+    """NQ-open dev questions that have a gold DPR passage -> QA; the gold passages -> documents."""
+    docs: "OrderedDict[tuple, Doc]" = OrderedDict()
+    exs = []
+    with gzip.open(_path(source, "nq_open", "nq-open-oracle.jsonl.gz"), "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if limit is not None and len(exs) >= limit:
+                break
+            r = json.loads(line)
+            answers = _distinct(r.get("answers") or [])
+            if not answers:
+                drops["nq:no_answer"] += 1
+                continue
+            refs = []
+            ctxs = [c for c in r.get("ctxs", []) if c.get("isgold")] or r.get("ctxs", [])
+            for c in ctxs:
+                key = (c["title"].strip(), " ".join(c["text"].split()))
+                if not key[1]:
+                    continue
+                if key in docs:
+                    drops["merged:nq_duplicate_passage"] += 1
+                else:
+                    docs[key] = Doc(f"nq:{len(docs)}", key[0], _sentences_of(c["text"]), "nq")
+                refs.append((docs[key].id, None))
+            q = " ".join(r["question"].split())
+            exs.append(RawExample("nq", f"nq-{i}", q, answers, "qa", {"question": q}, refs,
+                                  {"source": "NQ-open dev (oracle subset)"}))
+    return list(docs.values()), exs
+
+
+def convert_squad(source: str, limit: Optional[int] = None, drops: Optional[Counter] = None):
+    """SQuAD v1.1 dev: paragraphs -> documents, questions -> open-domain QA (`Q: {question} A:`)."""
+    with zipfile.ZipFile(_path(source, "squad", "dev-v1.1.json.zip")) as z:
+        name = next(n for n in sorted(z.namelist()) if n.endswith(".json"))
+        data = json.loads(z.read(name).decode("utf-8"))["data"]
+    docs, exs = [], []
+    for a, art in enumerate(data):
+        title = art["title"].replace("_", " ").strip()
+        for p, para in enumerate(art["paragraphs"]):
+            if limit is not None and len(exs) >= limit:
+                return docs, exs
+            ctx = para["context"]
+            spans = split_sentences(ctx)
+            doc = Doc(f"squad:{a}-{p}", title, [ctx[s:e] for s, e in spans], "squad")
+            docs.append(doc)
+            for qa in para["qas"]:
+                if limit is not None and len(exs) >= limit:
+                    break
+                answers = _distinct(x["text"] for x in qa.get("answers", []))
+                if not answers:
+                    drops["squad:no_answer"] += 1
+                    continue
+                sents = set()
+                for x in qa["answers"]:
+                    lo, hi = x["answer_start"], x["answer_start"] + len(x["text"])
+                    sents |= {j for j, (s, e) in enumerate(spans) if s < hi and lo < e}
+                q = " ".join(qa["question"].split())
+                exs.append(RawExample("squad", f"squad-{qa['id']}", q, answers, "qa", {"question": q},
+                                      [(doc.id, frozenset(sents) or None)], {"source": "SQuAD v1.1 dev"}))
+    return docs, exs
+
+
+def convert_hotpotqa(source: str, limit: Optional[int] = None, drops: Optional[Counter] = None):
+    """HotpotQA distractor sample: the 10 paragraphs of each question -> documents; questions -> multi-hop QA."""
+    docs: "OrderedDict[tuple, Doc]" = OrderedDict()
+    exs = []
+    for _, r in iter_jsonl(_path(source, "hotpotqa", "hotpot-qa-distractor-sample.jsonl")):
+        if limit is not None and len(exs) >= limit:
+            break
+        by_title = {}
+        for title, sents in zip(r["context"]["title"], r["context"]["sentences"]):
+            sents = [" ".join(s.split()) for s in sents]
+            key = (title.strip(), " ".join(" ".join(sents).split()))
+            if not key[1]:
+                continue
+            if key in docs:
+                drops["merged:hotpotqa_duplicate_paragraph"] += 1
+            else:
+                docs[key] = Doc(f"hotpotqa:{len(docs)}", key[0], sents, "hotpotqa")
+            by_title[title] = docs[key].id
+        want: "OrderedDict[str, set]" = OrderedDict()
+        for title, sid in zip(r["supporting_facts"]["title"], r["supporting_facts"]["sent_id"]):
+            if title not in by_title:
+                drops["hotpotqa:supporting_fact_not_in_context"] += 1
+                continue
+            want.setdefault(by_title[title], set()).add(int(sid))
+        answers = _distinct([r["answer"]])
+        if not answers:
+            drops["hotpotqa:no_answer"] += 1
+            continue
+        q = " ".join(r["question"].split())
+        exs.append(RawExample("hotpotqa", f"hotpotqa-{r['id']}", q, answers, "qa", {"question": q},
+                              [(d, frozenset(s)) for d, s in want.items()],
+                              {"source": "HotpotQA dev distractor sample", "type": r.get("type"),
+                               "level": r.get("level")}))
+    return list(docs.values()), exs
+
+
+def convert_scifact(source: str, limit: Optional[int] = None, drops: Optional[Counter] = None):
+    """SciFact claims -> fact verification (SUPPORT -> "True", REFUTE -> "False", not-enough-info dropped);
+    abstracts -> documents."""
+    exs = []
+    for split in ("train", "dev"):
+        for _, c in iter_jsonl(_path(source, "scifact", f"claims_{split}.jsonl")):
+            if limit is not None and len(exs) >= limit:
+                break
+            labels = {e["label"] for evs in c.get("evidence", {}).values() for e in evs}
+            if not labels:
+                drops["scifact:not_enough_info"] += 1
+                continue
+            if len(labels) > 1:
+                drops["scifact:mixed_labels"] += 1
+                continue
+            label = labels.pop()
+            if label not in ("SUPPORT", "REFUTE"):
+                drops[f"scifact:label_{label}"] += 1
+                continue
+            refs = [(f"scifact:{d}", frozenset(s for e in evs for s in e["sentences"]))
+                    for d, evs in sorted(c["evidence"].items(), key=lambda kv: int(kv[0]))]
+            st = " ".join(c["claim"].split())
+            exs.append(RawExample("scifact", f"scifact-{c['id']}", st, ["True" if label == "SUPPORT" else "False"],
+                                  "fact_verification", {"statement": st}, refs,
+                                  {"source": f"SciFact claims_{split}", "label": label}))
+    need = {d for e in exs for d, _ in e.refs}
+    docs = []
+    with gzip.open(_path(source, "scifact", "corpus.jsonl.gz"), "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            r = json.loads(line)
+            did = f"scifact:{r['doc_id']}"
+            if limit is not None and n >= limit and did not in need:
+                continue
+            sents = [" ".join(s.split()) for s in r.get("abstract", [])]
+            docs.append(Doc(did, " ".join(r.get("title", "").split()).rstrip("."), sents, "scifact"))
+    return docs, exs
+
+
+def convert_trex(source: str, limit: Optional[int] = None, drops: Optional[Counter] = None):
+    """T-REx (LAMA) facts -> slot filling `{subject} [SEP] {relation label}`; evidence sentences with the object
+    restored -> one document per subject."""
+    labels = {}
+    for _, r in iter_jsonl(_path(source, "trex", "relations.jsonl")):
+        labels[r["relation"]] = " ".join(r["label"].split())
+    tdir = _path(source, "trex")
+    files = sorted(f for f in os.listdir(tdir) if f.startswith("P") and f.endswith(".jsonl.gz"))
+    per_rel = None if limit is None else max(1, -(-limit // max(len(files), 1)))
+    subjects: "OrderedDict[str, Doc]" = OrderedDict()
+    sent_idx: dict = {}
+    exs = []
+    for fn in files:
+        with gzip.open(os.path.join(tdir, fn), "rt", encoding="utf-8") as f:
+            taken = 0
+            for line in f:
+                if per_rel is not None and taken >= per_rel:
+                    break
+                r = json.loads(line)
+                rel = r["predicate_id"]
+                if rel not in labels:
+                    drops["trex:unknown_relation"] += 1
+                    continue
+                sub = " ".join(r["sub_label"].split())
+                sid = r.get("sub_uri") or sub
+                doc = subjects.setdefault(sid, Doc(f"trex:{sid}", sub, [], "trex"))
+                idx = sent_idx.setdefault(sid, {})
+                mine = set()
+                surfaces = []
+                for e in r.get("evidences", []):
+                    ms = e.get("masked_sentence", "")
+                    if ms.count("[MASK]") != 1:
+                        drops["trex:evidence_without_one_mask"] += 1
+                        continue
+                    s = " ".join(ms.replace("[MASK]", e["obj_surface"]).split())
+                    if s not in idx:
+                        idx[s] = len(doc.sentences)
+                        doc.sentences.append(s)
+                    mine.add(idx[s])
+                    surfaces.append(e["obj_surface"])
+                if not mine:
+                    drops["trex:no_evidence"] += 1
+                    continue
+                answers = _distinct([r["obj_label"]] + surfaces)
+                fields = {"entity": sub, "relation": labels[rel]}
+                exs.append(RawExample("trex", f"trex-{r['uuid']}", f"{sub} [SEP] {labels[rel]}", answers,
+                                      "slot_filling", fields, [(doc.id, frozenset(mine))],
+                                      {"source": "T-REx (LAMA)", "predicate_id": rel, "obj_uri": r.get("obj_uri"),
+                                       "sub_uri": r.get("sub_uri")}))
+                taken += 1
+    return [d for d in subjects.values() if d.sentences], exs
+
+
+def convert_dpr(source: str, limit: Optional[int] = None, drops: Optional[Counter] = None):
+    """DPR Wikipedia passages (distractors): ``contents`` is ``"Title"\\ntext``."""
+    docs = []
+    for _, r in iter_jsonl(_path(source, "wiki_passages", "dpr_wiki_sample_1000.jsonl")):
+        if limit is not None and len(docs) >= limit:
+            break
+        head, _, body = r["contents"].partition("\n")
+        title = head.strip()
+        if len(title) >= 2 and title[0] == title[-1] == '"':
+            title = title[1:-1]
+        if not body.strip():
+            drops["dpr:empty"] += 1
+            continue
+        docs.append(Doc(f"dpr:{r['id']}", title, _sentences_of(body), "dpr"))
+    return docs, []
+
+
+CONVERTERS = OrderedDict([("nq", convert_nq), ("squad", convert_squad), ("hotpotqa", convert_hotpotqa),
+                          ("scifact", convert_scifact), ("trex", convert_trex), ("dpr", convert_dpr)])
+
+
+# ------------------------------------------------------------------------------------ chunk, dedupe, resolve
+def chunk_docs(docs: list, l_max: int):
+    """Documents -> passages of at most ``l_max`` words (whole sentences where possible).
+
+    Returns (passages, {doc_id: [(passage_id, sentence_ids)]}, counts). A document that fits keeps its id; the
+    chunks of a longer one are ``{doc_id}#{i}``.
+    """
+    passages, where = [], {}
+    counts = Counter()
+    for d in docs:
+        chunks = pack_sentences(d.sentences, l_max)
+        if not chunks:
+            counts["empty_documents"] += 1
+            continue
+        counts["documents"] += 1
+        counts["long_sentences_split"] += sum(1 for s in d.sentences if l_max > 0 and len(s.split()) > l_max)
+        if len(chunks) > 1:
+            counts["documents_chunked"] += 1
+        entries = []
+        for i, c in enumerate(chunks):
+            pid = d.id if len(chunks) == 1 else f"{d.id}#{i}"
+            passages.append((Passage(pid, d.title, " ".join(t for _, t in c)), d.source))
+            entries.append((pid, frozenset(j for j, _ in c)))
+        where[d.id] = entries
+        counts["chunks"] += len(chunks)
+    return passages, where, counts
+
+
+def dedupe(passages: list):
+    """Keep the first passage of each (title, text); returns (passages, {dropped_id: kept_id}, by_source)."""
+    seen, canon, out, by_source = {}, {}, [], Counter()
+    for p, src in passages:
+        key = (p.title, p.text)
+        if key in seen:
+            canon[p.id] = seen[key]
+            continue
+        seen[key] = p.id
+        canon[p.id] = p.id
+        out.append(p)
+        by_source[src] += 1
+    return out, canon, by_source
+
+
+def resolve(ex: RawExample, where: dict, canon: dict, by_id: dict, drops: Counter) -> Example:
+    """RawExample -> KILT Example with provenance on the (deduplicated) chunks that hold the evidence."""
+    prov_ids = []
+    for doc_id, sents in ex.refs:
+        entries = where.get(doc_id)
+        if not entries:
+            drops[f"{ex.task}:provenance_document_missing"] += 1
+            continue
+        if sents is None:
+            hit = [pid for pid, _ in entries if answer_in_text(ex.answers, f"{by_id[canon[pid]].title} "
+                                                               f"{by_id[canon[pid]].text}")]
+        else:
+            hit = [pid for pid, ss in entries if ss & sents]
+        for pid in hit or [pid for pid, _ in entries]:
+            prov_ids.append(canon[pid])
+    prov = [{"passage_id": pid, "title": by_id[pid].title} for pid in _distinct(prov_ids)]
+    meta = {"task_type": ex.task_type, "fields": ex.fields}
+    meta.update({k: v for k, v in ex.meta.items() if v is not None})
+    return Example(ex.id, ex.input, [Output(a, prov) for a in ex.answers], meta)
+
+
+def split_seen(exs: list, task: str, seed: int, dev_frac: float) -> dict:
+    """Train/dev by normalised question text (equal questions land in one split), seeded per task."""
+    groups: "OrderedDict[str, list]" = OrderedDict()
+    for e in exs:
+        groups.setdefault(normalize_text(e.input), []).append(e)
+    keys = list(groups)
+    random.Random(f"{seed}:{task}:split").shuffle(keys)
+    n_dev = int(round(dev_frac * len(keys)))
+    dev = set(keys[:n_dev])
+    return {"train": [e for e in exs if normalize_text(e.input) not in dev],
+            "dev": [e for e in exs if normalize_text(e.input) in dev]}
+
+
+def _prompt(ex: Example) -> str:
+    return render(ex.meta["task_type"], ex.meta["fields"])
+
+
+def build_minikilt(source: str, seed: int = 0, l_max: int = 100, dev_frac: float = 0.2,
+                   limit: Optional[int] = None) -> MiniKilt:
+    """Convert the release files in ``source`` into passages + task examples (in memory)."""
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"source folder {source} does not exist")
+    drops: Counter = Counter()
+    docs, raw = [], OrderedDict()
+    for name, fn in CONVERTERS.items():
+        d, e = fn(source, limit, drops)
+        docs.extend(d)
+        if e:
+            raw[name] = e
+    docs.sort(key=lambda d: SOURCE_ORDER.index(d.source))  # stable: within a source, file order
+    chunked, where, ccounts = chunk_docs(docs, l_max)
+    passages, canon, by_source = dedupe(chunked)
+    by_id = {p.id: p for p in passages}
+
+    examples: "OrderedDict[tuple, list]" = OrderedDict()
+    for task, rexs in raw.items():
+        exs = [resolve(r, where, canon, by_id, drops) for r in rexs]
+        if task in SEEN_TASKS:
+            for split, part in split_seen(exs, task, seed, dev_frac).items():
+                examples[(task, split)] = part
+        else:
+            examples[(task, "dev")] = exs
+    # No evaluation question text anywhere in training (also across tasks).
+    eval_text = {normalize_text(e.input) for (t, s), xs in examples.items() if s != "train" for e in xs}
+    for (t, s), xs in list(examples.items()):
+        if s == "train":
+            keep = [e for e in xs if normalize_text(e.input) not in eval_text]
+            if len(keep) < len(xs):
+                drops[f"{t}:train_question_also_in_eval"] += len(xs) - len(keep)
+            examples[(t, s)] = keep
+    for (t, s), xs in examples.items():
+        validate_examples(xs, passage_ids=by_id, source=f"{t}.{s}")
+
+    tasks = OrderedDict()
+    for (t, s), xs in examples.items():
+        d = tasks.setdefault(t, {"task_type": xs[0].meta["task_type"] if xs else None, "splits": {},
+                                 "seen_format": t in SEEN_TASKS, "multi_hop": t == "hotpotqa"})
+        words = [len(_prompt(e).split()) for e in xs]
+        d["splits"][s] = {"examples": len(xs), "with_provenance": sum(1 for e in xs if e.passage_ids),
+                          "prompt_words_mean": round(sum(words) / max(len(words), 1), 1),
+                          "prompt_words_max": max(words, default=0)}
+    lengths = [len(p.text.split()) for p in passages]
+    merged = {k.split(":", 1)[1]: v for k, v in drops.items() if k.startswith("merged:")}
+    pool_dups = len(chunked) - len(passages)
+    stats = OrderedDict(
+        seed=seed, l_max_words=l_max, dev_frac=dev_frac, limit=limit,
+        passages=OrderedDict(total=len(passages), by_source=OrderedDict((s, by_source[s]) for s in SOURCE_ORDER),
+                             duplicates_removed=sum(merged.values()) + pool_dups,
+                             duplicates_detail=OrderedDict(sorted(merged.items()), pooled_chunks=pool_dups),
+                             words_mean=round(sum(lengths) / max(len(lengths), 1), 1),
+                             words_max=max(lengths, default=0)),
+        chunking=OrderedDict((k, ccounts[k]) for k in ("documents", "documents_chunked", "chunks",
+                                                       "long_sentences_split", "empty_documents")),
+        tasks=tasks, dropped=OrderedDict(sorted((k, v) for k, v in drops.items() if not k.startswith("merged:"))))
+    return MiniKilt(passages, dict(examples), stats)
+
+
+# ---------------------------------------------------------------------------------------------- write + BM25
+def _write_all(out: str, passages: list, examples: dict, stats: dict, bm25_k: int, query: str,
+               show_progress: bool, pseudo: bool = True) -> dict:
+    os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
+    write_passages(os.path.join(out, "passages.jsonl"), passages)
+    for (t, s), xs in examples.items():
+        write_examples(os.path.join(out, "tasks", f"{t}.{s}.jsonl"), xs)
+    if pseudo and passages:
+        t0 = time.time()
+        if show_progress:
+            print(f"BM25: indexing {len(passages)} passages", file=sys.stderr)
+        index = BM25Index(passages, show_progress=show_progress)
+        by_id = {p.id: p for p in passages}
+        recall = OrderedDict()
+        for (t, s), xs in examples.items():
+            if not xs:
+                continue
+            queries = [_prompt(e) for e in xs] if query == "prompt" else [e.input for e in xs]
+            labels = label_examples(index, xs, k=bm25_k, queries=queries, show_progress=show_progress,
+                                    desc=f"BM25 {t}.{s}")
+            write_pseudo_labels(os.path.join(out, "pseudo_labels", f"{t}.{s}.jsonl"), labels)
+            recall[f"{t}.{s}"] = recall_at_k(xs, {pl.id: pl for pl in labels}, by_id, RECALL_KS)
+        stats["bm25"] = OrderedDict(k=bm25_k, query=query, index="bm25s lucene k1=1.5 b=0.75, English stopwords, "
+                                    "Snowball stemmer, documents '{title}: {text}'", recall=recall)
+        if show_progress:
+            print(f"BM25: done in {time.time() - t0:.1f}s", file=sys.stderr)
+    with open(os.path.join(out, "stats.json"), "w", encoding="utf-8", newline="") as f:
+        json.dump(stats, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return stats
+
+
+def prepare_minikilt(source: str, out: str, seed: int = 0, l_max: int = 100, dev_frac: float = 0.2,
+                     limit: Optional[int] = None, bm25_k: int = 50, query: str = "prompt",
+                     show_progress: bool = True, pseudo_labels: bool = True) -> dict:
+    """Build the mini-KILT from ``source`` and write it to ``out``; returns the stats."""
+    mk = build_minikilt(source, seed=seed, l_max=l_max, dev_frac=dev_frac, limit=limit)
+    return _write_all(out, mk.passages, mk.examples, mk.stats, bm25_k, query, show_progress, pseudo_labels)
+
+
+def _name_split(name: str, path: str) -> tuple:
+    if "." in name:
+        t, s = name.split(".", 1)
+        return t, s
+    base = os.path.basename(path).lower()
+    for s in ("train", "dev", "test"):
+        if s in base:
+            return name, s
+    return name, "dev"
+
+
+def prepare_kilt(tasks: dict, knowledge: str, out: str, l_max: int = 0, bm25_k: int = 50,
+                 task_types: Optional[dict] = None, query: str = "prompt", show_progress: bool = True,
+                 pseudo_labels: bool = True) -> dict:
+    """Validate, copy and pseudo-label KILT files. ``tasks`` is ``{"name[.split]": path}``.
+
+    The knowledge source is passage JSONL or KILT pages (read one passage per paragraph); passages longer than
+    ``l_max`` words are split (``0`` = keep). Provenance is checked against it: ``passage_id`` entries must name
+    a passage, ``wikipedia_id`` entries a page (when the knowledge source carries page ids); KILT paragraph
+    ranges are also resolved to ``passage_id`` entries. ``meta.task_type``/``meta.fields`` are filled in from the
+    task name (or ``task_types``) and the KILT ``input``; FEVER labels SUPPORTS/REFUTES become True/False.
+    """
+    task_types = dict(task_types or {})
+    drops: Counter = Counter()
+    passages, where, counts = [], {}, Counter()
+    seen_ids: set = set()
+    for p in iter_passages(knowledge):
+        if p.id in seen_ids:
+            raise DataError(f"{knowledge}: duplicate passage id {p.id!r}")
+        seen_ids.add(p.id)
+        if l_max <= 0 or len(p.text.split()) <= l_max:
+            passages.append(Passage(p.id, p.title, " ".join(p.text.split()), p.wikipedia_id))
+            counts["documents"] += 1
+            counts["chunks"] += 1
+            continue
+        ps, w, c = chunk_docs([Doc(p.id, p.title, _sentences_of(p.text), "kilt")], l_max)
+        counts.update(c)
+        for q, _ in ps:
+            passages.append(Passage(q.id, q.title, q.text, p.wikipedia_id))
+        where.update(w)  # only split passages: original id -> chunks
+    by_id = {p.id: p for p in passages}
+    page_ids = {p.wikipedia_id for p in passages if p.wikipedia_id is not None} or None
+    examples, meta_types = OrderedDict(), OrderedDict()
+    for name, path in tasks.items():
+        t, s = _name_split(name, path)
+        tt = task_types.get(name) or task_types.get(t) or task_type_for(t)
+        xs = []
+        for ex in iter_examples(path, allow_no_answers=(s == "test")):
+            mt = ex.meta.get("task_type") or tt
+            if mt is None:
+                raise DataError(f"{path}: cannot tell the task type of {t!r}; pass --kilt_task_type {t}=TYPE")
+            ex.meta = dict(ex.meta, task_type=mt)
+            if "fields" not in ex.meta:
+                ex.meta["fields"] = fields_from_input(mt, ex.input)
+            if mt == "fact_verification":  # KILT FEVER labels -> the template's True/False
+                for o in ex.outputs:
+                    if o.answer in FEVER_LABELS:
+                        o.answer = FEVER_LABELS[o.answer]
+                        drops[f"{t}:relabelled_answers"] += 1
+            answers = ex.answers
+
+            def chunks_of(key):  # a split passage -> its chunks holding an answer (all of them if none does)
+                cs = [q for q, _ in where[key]]
+                return [q for q in cs if answer_in_text(answers, f"{by_id[q].title} {by_id[q].text}")] or cs
+
+            for o in ex.outputs:  # resolve KILT paragraph ranges / split passages to passage ids
+                extra = []
+                for pr in o.provenance:
+                    pid, wid = pr.get("passage_id"), pr.get("wikipedia_id")
+                    if pid is not None and str(pid) in where:
+                        extra += chunks_of(str(pid))
+                    elif pid is None and wid is not None and "start_paragraph_id" in pr:
+                        lo = int(pr["start_paragraph_id"])
+                        hi = int(pr.get("end_paragraph_id", lo))
+                        for i in range(lo, hi + 1):
+                            key = f"{wid}_{i}"
+                            extra += chunks_of(key) if key in where else ([key] if key in by_id else [])
+                have = {str(pr.get("passage_id")) for pr in o.provenance}
+                keep = [pr for pr in o.provenance if pr.get("passage_id") is None or str(pr["passage_id"]) not in where]
+                o.provenance = keep + [{"passage_id": q, "title": by_id[q].title} for q in _distinct(extra)
+                                       if q not in have]
+            xs.append(ex)
+        n_checked = validate_examples(xs, passage_ids=by_id, wikipedia_ids=page_ids, source=path)
+        n_prov = sum(len(e.provenance) for e in xs)
+        drops[f"{t}:provenance_unchecked"] += n_prov - n_checked
+        examples[(t, s)] = xs
+        meta_types[t] = tt
+    tstats = OrderedDict()
+    for (t, s), xs in examples.items():
+        d = tstats.setdefault(t, {"task_type": meta_types[t], "splits": {}})
+        d["splits"][s] = {"examples": len(xs), "with_provenance": sum(1 for e in xs if e.provenance)}
+    stats = OrderedDict(mode="kilt", l_max_words=l_max,
+                        passages=OrderedDict(total=len(passages), by_source={"kilt": len(passages)}),
+                        chunking=OrderedDict(sorted(counts.items())), tasks=tstats,
+                        notes=OrderedDict(sorted((k, v) for k, v in drops.items() if v)))
+    return _write_all(out, passages, examples, stats, bm25_k, query, show_progress, pseudo_labels)
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+def stats_markdown(stats: dict) -> str:
+    """Markdown tables (dataset sizes; BM25 recall) from a ``stats.json`` dict."""
+    lines = ["| task | format | type | split | examples | with provenance | prompt words (mean / max) |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for t, d in stats["tasks"].items():
+        for s, x in d["splits"].items():
+            fmt = "seen" if d.get("seen_format") else "unseen"
+            lines.append(f"| {t} | {fmt} | {d['task_type']} | {s} | {x['examples']:,} | {x['with_provenance']:,} | "
+                         f"{x.get('prompt_words_mean', '-')} / {x.get('prompt_words_max', '-')} |")
+    p = stats["passages"]
+    lines += ["", "| knowledge source | passages |", "|---|---:|"]
+    lines += [f"| {k} | {v:,} |" for k, v in p["by_source"].items()]
+    lines += [f"| **total (after removing {p.get('duplicates_removed', 0):,} duplicates)** | **{p['total']:,}** |"]
+    if "bm25" in stats:
+        ks = RECALL_KS
+        lines += ["", "| task.split | n | answer R@1 | R@5 | R@10 | gold-passage R@1 | R@5 | R@10 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in stats["bm25"]["recall"].items():
+            a = r["answer"] or {}
+            pr = r["provenance"] or {}
+            f = lambda d, k: f"{d[k] if k in d else d[str(k)]:.3f}" if d else "–"  # noqa: E731
+            lines.append(f"| {name} | {r['n']:,} | " + " | ".join(f(a, k) for k in ks) + " | "
+                         + " | ".join(f(pr, k) for k in ks) + " |")
+        for name, r in stats["bm25"]["recall"].items():
+            pa = r.get("provenance_all") or {}
+            if pa and stats["tasks"].get(name.split(".")[0], {}).get("multi_hop"):
+                lines.append(f"\n{name}: all gold passages in the top k: "
+                             + ", ".join(f"R@{k} {f(pa, k)}" for k in ks))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def _kv(items, what):
+    out = OrderedDict()
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"{what} expects NAME=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m imprag_jax.data.prepare", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", help="folder with the release files (e.g. ../shared/data)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--l_max", type=int, default=None,
+                    help="split passages longer than this many words (default 100 for --source, 0 = keep whole for "
+                         "KILT files)")
+    ap.add_argument("--dev_frac", type=float, default=0.2, help="dev share of the seen-format tasks' questions")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many records per source (quick runs)")
+    ap.add_argument("--bm25_k", type=int, default=50, help="passages stored per example")
+    ap.add_argument("--query", choices=("prompt", "input"), default="prompt",
+                    help="BM25 query: the templated prompt (as the paper) or the raw input")
+    ap.add_argument("--no_pseudo_labels", action="store_true")
+    ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--kilt_task", action="append", metavar="NAME=PATH",
+                    help="a KILT task file; NAME is task or task.split (repeatable)")
+    ap.add_argument("--kilt_task_type", action="append", metavar="NAME=TYPE",
+                    help="template type for a KILT task whose name is not a known KILT task (repeatable)")
+    ap.add_argument("--kilt_knowledge", metavar="PATH", help="knowledge source for --kilt_task files")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    kilt = bool(a.kilt_task or a.kilt_knowledge)
+    if kilt and a.source:
+        ap.error("give either --source or --kilt_task/--kilt_knowledge, not both")
+    if kilt and not (a.kilt_task and a.kilt_knowledge):
+        ap.error("--kilt_task and --kilt_knowledge go together")
+    if not kilt and not a.source:
+        ap.error("--source (or --kilt_task + --kilt_knowledge) is required")
+    show = not a.no_progress
+    if kilt:
+        stats = prepare_kilt(_kv(a.kilt_task, "--kilt_task"), a.kilt_knowledge, a.out,
+                             l_max=a.l_max if a.l_max is not None else 0, bm25_k=a.bm25_k,
+                             task_types=_kv(a.kilt_task_type, "--kilt_task_type"), query=a.query,
+                             show_progress=show, pseudo_labels=not a.no_pseudo_labels)
+    else:
+        stats = prepare_minikilt(a.source, a.out, seed=a.seed, l_max=a.l_max if a.l_max is not None else 100,
+                                 dev_frac=a.dev_frac, limit=a.limit, bm25_k=a.bm25_k, query=a.query,
+                                 show_progress=show, pseudo_labels=not a.no_pseudo_labels)
+    print(stats_markdown(stats))
+    for key in ("dropped", "notes"):
+        if stats.get(key):
+            print(f"\n{key}: " + ", ".join(f"{k}={v}" for k, v in stats[key].items()))
+    print(f"\nwrote {a.out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

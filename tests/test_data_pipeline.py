@@ -1,0 +1,270 @@
+"""Fixed-shape batch pipeline: the batch contract, candidates, counterfactuals, resume, determinism, hosts."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("grain")
+pytest.importorskip("array_record")
+pytest.importorskip("tokenizers")
+
+from imprag_jax.data import pipeline as P  # noqa: E402
+from imprag_jax.data import synthetic as S  # noqa: E402
+
+SMALL = S.WorldConfig(seed=1, n_people=150, n_first_names=15, n_surnames=50, n_cities=15, n_countries=4, n_orgs=12,
+                      n_letters=40, n_events=20)
+
+
+@pytest.fixture(scope="module")
+def wdir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("world"))
+    S.write_world(S.World.generate(SMALL), d, bm25=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(wdir):
+    return P.load_tokenizer(wdir)
+
+
+def _cfg(**kw):
+    base = dict(batch_size=12, free_batch_size=4, L_q=64, L_r=4, l_max=24, k=4,
+                tasks={"qa": 1.0, "two_hop_qa": 0.5}, free_tasks={"format": 1.0, "lm": 0.5})
+    base.update(kw)
+    return P.BatchConfig(**base)
+
+
+def _it(wdir, tok, cfg, **kw):
+    kw.setdefault("prefetch", 0)
+    return P.TrainBatches(wdir, tok, cfg, **kw)
+
+
+def _words(tok, ids):
+    return tok.decode([int(i) for i in ids], skip_special=True)
+
+
+def _check_contract(b, cfg, B, tok):
+    L = cfg.L_q + cfg.L_r
+    shapes = dict(tokens=(B, L), mask=(B, L), prompt_mask=(B, L), loss_mask=(B, L),
+                  passages=(B, cfg.k, cfg.l_max), passage_mask=(B, cfg.k, cfg.l_max), passage_ids=(B, cfg.k),
+                  positives=(B, cfg.k), retrieval_free=(B,), example_index=(B,))
+    assert set(b) == set(shapes)
+    for k, s in shapes.items():
+        assert b[k].shape == s and b[k].dtype == np.int32, k
+    m, pm, lm = b["mask"], b["prompt_mask"], b["loss_mask"]
+    assert np.all(lm <= m) and np.all(pm <= m) and not np.any(pm & lm)
+    n_p, n = pm.sum(1), m.sum(1)
+    for i in range(B):
+        assert np.all(pm[i, :n_p[i]] == 1) and np.all(m[i, :n[i]] == 1)  # prompt first, then response, no holes
+        assert np.all(lm[i, n_p[i]:n[i]] == 1)
+        assert b["tokens"][i, n[i] - 1] == tok.eos_id and np.all(b["tokens"][i, n[i]:] == tok.pad_id)
+        assert lm[i].sum() >= 2 or b["retrieval_free"][i]  # an answer token and eos
+    pmask, ids, pos = b["passage_mask"], b["passage_ids"], b["positives"]
+    valid = ids >= 0
+    assert np.array_equal(pmask.any(-1), valid)
+    assert np.all(pos <= valid)
+    eop = tok.token_to_id("<eop>")
+    for i, j in zip(*np.nonzero(valid)):
+        ln = pmask[i, j].sum()
+        assert np.all(pmask[i, j, :ln] == 1) and b["passages"][i, j, ln - 1] == eop
+    free = b["retrieval_free"] == 1
+    assert not pmask[free].any() and np.all(ids[free] == -1) and not pos[free].any()
+    assert np.all(pos[~free].sum(1) >= 1)
+
+
+def test_batch_contract_and_mixture(wdir, tok):
+    cfg = _cfg(positives="both", n_pos=2, negatives="both", n_neg=2, cf=1.0, cf_negatives=True)
+    it = _it(wdir, tok, cfg)
+    kinds = set()
+    for step in range(4):
+        b = it.batch(step)
+        _check_contract(b, cfg, 16, tok)
+        assert b["retrieval_free"].sum() == 4
+        for i in range(16):
+            text = _words(tok, b["tokens"][i][b["mask"][i] == 1])
+            kinds.add("two_hop" if "headquartered" in text or "country" in text or "founded" in text else
+                      "fmt" if "<eop>" in tok.decode(b["tokens"][i], skip_special=False) else
+                      "lm" if b["prompt_mask"][i].sum() == 1 else "qa")
+    assert kinds == {"two_hop", "fmt", "lm", "qa"}
+    # plain-LM rows: bos alone is the prompt, the passage text is the target
+    b = _it(wdir, tok, _cfg(free_tasks={"lm": 1.0})).batch(0)
+    for i in np.nonzero(b["retrieval_free"])[0]:
+        assert b["prompt_mask"][i].sum() == 1 and b["tokens"][i, 0] == tok.bos_id
+        assert b["loss_mask"][i].sum() >= 8 and ":" in _words(tok, b["tokens"][i][b["loss_mask"][i] == 1])
+
+
+def test_gold_positives_contain_the_answer_with_counterfactuals(wdir, tok):
+    world = S.World.load(wdir)
+    real = {e.id: e.answers[0] for e in world.examples["qa"]["train"]}
+    rows = [e.id for e in world.examples["qa"]["train"]]
+    cfg = _cfg(tasks={"qa": 1.0}, free_batch_size=0, positives="gold", negatives="generator", n_neg=3, cf=1.0,
+               cf_negatives=True)
+    it = _it(wdir, tok, cfg)
+    changed = 0
+    for step in range(3):
+        b = it.batch(step)
+        for i in range(cfg.batch_size):
+            ans = _words(tok, b["tokens"][i][b["loss_mask"][i] == 1])
+            (j,) = np.nonzero(b["positives"][i])[0]
+            gold_text = _words(tok, b["passages"][i, j])
+            assert f" {ans} " in f" {gold_text} "
+            # the positive is the asked person's bio (same passage id, counterfactual text)
+            assert b["passage_ids"][i, j] == world.passage_index[world.examples["qa"]["train"][
+                int(b["example_index"][i])].passage_ids[0]]
+            changed += ans != real[rows[int(b["example_index"][i])]]
+    assert changed == 3 * cfg.batch_size  # cf = 1: every answer differs from the real one
+    # cf = 0: the real answers and the real passages
+    b = _it(wdir, tok, _cfg(tasks={"qa": 1.0}, free_batch_size=0, positives="gold", cf=0.0)).batch(0)
+    for i in range(cfg.batch_size):
+        assert _words(tok, b["tokens"][i][b["loss_mask"][i] == 1]) == real[rows[int(b["example_index"][i])]]
+
+
+def test_pseudo_positives_and_bm25_negatives(wdir, tok):
+    labels = {}
+    with open(os.path.join(wdir, "pseudo_labels", "qa.train.jsonl")) as f:
+        for n, line in enumerate(f):
+            labels[n] = json.loads(line)["ranked"]
+    world = S.World.load(wdir)
+    cfg = _cfg(tasks={"qa": 1.0}, free_batch_size=0, k=6, positives="pseudo", n_pos=2, negatives="bm25", n_neg=4,
+               fill_random=False, exclude_gold_from_negatives=False)
+    b = _it(wdir, tok, cfg).batch(0)
+    for i in range(cfg.batch_size):
+        ranked = [world.passage_index[p] for p in labels[int(b["example_index"][i])]]
+        ids, pos = b["passage_ids"][i], b["positives"][i] == 1
+        assert set(ids[pos]) == set(ranked[:2])
+        assert set(ids[~pos]) <= set(ranked[9:50]) and (~pos).sum() == 4
+
+
+def test_resume_gives_the_same_next_batch(wdir, tok):
+    cfg = _cfg(cf=1.0, cf_negatives=True, negatives="both", random_neg_fraction=0.3)
+    it = _it(wdir, tok, cfg, prefetch=2)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = next(it)
+    after = next(it)
+    it.close()
+    it2 = _it(wdir, tok, cfg, prefetch=1)
+    it2.set_state(state)
+    for ref in (want, after):
+        got = next(it2)
+        for k in P.BATCH_KEYS:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    it2.close()
+    with pytest.raises(ValueError):
+        _it(wdir, tok, _cfg(seed=5)).set_state(state)
+    with pytest.raises(ValueError):  # another config
+        _it(wdir, tok, _cfg(cf=1.0, cf_negatives=True, negatives="both", random_neg_fraction=0.3, k=5)).set_state(state)
+
+
+def test_determinism_and_epochs(wdir, tok):
+    cfg = _cfg(cf=1.0, cf_negatives=True)
+    a, b = _it(wdir, tok, cfg).batch(7), _it(wdir, tok, cfg).batch(7)
+    for k in P.BATCH_KEYS:
+        np.testing.assert_array_equal(a[k], b[k])
+    c = _it(wdir, tok, _cfg(cf=1.0, cf_negatives=True, seed=1)).batch(7)
+    assert not np.array_equal(a["tokens"], c["tokens"])
+    # every example once per epoch, in a new order each epoch
+    one = _it(wdir, tok, _cfg(tasks={"qa": 1.0}, free_batch_size=0, batch_size=8))
+    n = len(S.World.load(wdir).examples["qa"]["train"])
+    assert n % 8 == 0
+    ep0 = np.concatenate([one.batch(s)["example_index"] for s in range(n // 8)])
+    ep1 = np.concatenate([one.batch(s)["example_index"] for s in range(n // 8, 2 * n // 8)])
+    assert sorted(ep0) == list(range(n)) == sorted(ep1) and not np.array_equal(ep0, ep1)
+
+
+def test_host_slices_concatenate_to_the_global_batch(wdir, tok):
+    cfg = _cfg(cf=1.0, cf_negatives=True)
+    single = _it(wdir, tok, cfg)
+    hosts = [_it(wdir, tok, cfg, process_index=p, process_count=4) for p in range(4)]
+    for step in (0, 5):
+        g = single.global_batch(step)
+        parts = [h.batch(step) for h in hosts]
+        for k in P.BATCH_KEYS:
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k], err_msg=k)
+            np.testing.assert_array_equal(single.batch(step)[k], g[k])
+        assert all(p["tokens"].shape[0] == 4 for p in parts)
+    with pytest.raises(ValueError):
+        _it(wdir, tok, cfg, process_index=0, process_count=3)
+
+
+def test_truncation_counts(wdir, tok):
+    cfg = _cfg(tasks={"qa": 1.0}, free_batch_size=0, L_q=6, L_r=2, l_max=8, positives="gold", negatives="generator",
+               n_neg=1, fill_random=False)
+    it = _it(wdir, tok, cfg)
+    b = it.batch(0)
+    _check_contract(b, cfg, cfg.batch_size, tok)
+    t = it.truncation
+    assert t.prompts == cfg.batch_size == t.prompts_truncated  # every QA prompt is longer than 6
+    assert np.all(b["prompt_mask"].sum(1) == 6) and np.all(b["tokens"][:, 0] == tok.bos_id)
+    colon, a_id = tok.token_to_id(":"), tok.token_to_id("A")
+    assert np.all(b["tokens"][:, 5] == colon) and np.all(b["tokens"][:, 4] == a_id)  # the end "A :" survives
+    # every passage is longer than 8 tokens: all cut (the corpus is tokenized once), all end with <eop>
+    c = it.corpus_truncation
+    assert c.passages == len(S.World.load(wdir).passages) == c.passages_truncated
+    assert np.all(b["passage_mask"].sum(-1)[b["passage_ids"] >= 0] == 8)
+    # responses: L_r = 2 keeps one answer token + eos; two-token answers (companies) are counted
+    assert np.all(b["loss_mask"].sum(1) == 2)
+    assert it.truncation_report()["responses_truncated"] == sum(
+        len(S.words(_answer)) > 1 for _answer in _answers(wdir, b["example_index"]))
+    stats = P.TruncationStats()
+    toks, mask = P.corpus_tokens(wdir, tok, l_max=8, stats=stats)
+    assert toks.shape == (len(S.World.load(wdir).passages), 8) and stats.passages_truncated == stats.passages
+
+
+def _answers(wdir, rows):
+    exs = S.World.load(wdir).examples["qa"]["train"]
+    return [exs[int(r)].answers[0] for r in rows]
+
+
+def test_eval_batches(wdir, tok):
+    world = S.World.load(wdir)
+    exs = world.examples["slot_filling"]["dev"]
+    batches = list(P.eval_batches(wdir, "slot_filling", "dev", tok, batch_size=16, L_q=32, passages="gold", k=1,
+                                  l_max=24))
+    assert len(batches) == -(-len(exs) // 16)
+    rows = np.concatenate([b["example_index"] for b in batches])
+    assert list(rows[rows >= 0]) == list(range(len(exs))) and (rows < 0).sum() == len(batches) * 16 - len(exs)
+    for b in batches:
+        assert b["tokens"].shape == (16, 32) and b["passages"].shape == (16, 1, 24)
+        for i in np.nonzero(b["valid"])[0]:
+            e = exs[b["example_index"][i]]
+            assert b["answers"][i] == e.answers and b["ids"][i] == e.id
+            prompt = _words(tok, b["tokens"][i][b["mask"][i] == 1])
+            assert prompt.endswith("A :") and "[SEP]" in prompt
+            assert b["gold_ids"][i, 0] == world.passage_index[e.passage_ids[0]] == b["passage_ids"][i, 0]
+            assert f" {' '.join(S.words(e.answers[0]))} " in f" {_words(tok, b['passages'][i, 0])} "
+        assert not b["mask"][b["valid"] == 0].any()
+    # two hosts split each batch
+    h = [list(P.eval_batches(wdir, "qa", "dev", tok, batch_size=8, L_q=16, process_index=p, process_count=2,
+                             limit=20)) for p in range(2)]
+    full = list(P.eval_batches(wdir, "qa", "dev", tok, batch_size=8, L_q=16, limit=20))
+    for a, b, f in zip(h[0], h[1], full):
+        np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), f["tokens"])
+        assert a["answers"] + b["answers"] == f["answers"]
+
+
+def test_plain_kilt_directory_without_world(tmp_path, wdir, tok):
+    """The layout of imprag_jax.data.prepare: raw KILT inputs templated by meta.task_type / the task name."""
+    from imprag_jax.data.formats import Example, Output, Passage, write_examples, write_passages
+
+    d = str(tmp_path)
+    name = S.World.load(wdir).full_name(0)  # words the world's tokenizer knows
+    ps = [Passage(f"p{i}", name, f"{name} was born in {1800 + i}.") for i in range(30)]
+    write_passages(os.path.join(d, "passages.jsonl"), ps)
+    exs = [Example(f"nq-{i}", f"When was {name} born?", [Output(str(1800 + i), [{"passage_id": f"p{i}"}])])
+           for i in range(12)]
+    write_examples(os.path.join(d, "tasks", "nq.train.jsonl"), exs)
+    cfg = P.BatchConfig(batch_size=4, L_q=16, L_r=4, l_max=16, k=3, tasks={"nq": 1.0}, positives="gold",
+                        negatives="random", n_neg=2)
+    it = _it(d, tok, cfg)
+    b = it.batch(0)
+    _check_contract(b, cfg, 4, tok)
+    for i in range(4):
+        assert _words(tok, b["tokens"][i][b["prompt_mask"][i] == 1]) == f"Q : When was {name} born ? A :"
+        assert (b["passage_ids"][i] >= 0).sum() == 3
+        (j,) = np.nonzero(b["positives"][i])[0]
+        assert b["passage_ids"][i, j] == int(b["example_index"][i])
+    with pytest.raises(ValueError):  # no pseudo-labels and nothing to fall back on is fine; no tasks is not
+        P.TrainBatches(d, tok, P.BatchConfig(batch_size=4, tasks={}), prefetch=0)
