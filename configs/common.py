@@ -18,9 +18,10 @@ def base_config() -> mlc.ConfigDict:
         rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True, embed_scale=1.0, b=1, t=2,
         retrieval_rope="pre", passage_attention="joint", prompt_offset=-1, dtype="float32", param_dtype="float32",
         remat="none", attention_impl="xla", init_std=0.02, max_position=4096))
+    c.model.rope_scaling = None  # or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", ...}
     c.data = mlc.ConfigDict(dict(
-        kind="synthetic",  # "synthetic" (generated into <workdir>/data if dir is empty) | "prepared"
-        dir="", people=1000, world_seed=0,
+        kind="synthetic",  # "synthetic" / "minikilt": built into <workdir>/data on first use | "prepared": data.dir
+        dir="", source="../shared/data", people=1000, world_seed=0,
         batch_size=32, free_batch_size=8, L_q=64, L_r=4, l_max=24, k=4,
         tasks="qa:1", free_tasks="format:1", positives="gold", n_pos=1, negatives="generator", n_neg=3,
         neg_ranks=(10, 50), random_neg_fraction=0.25, cf=1.0, cf_negatives=True, add_bos=True, prefetch=2))
@@ -30,7 +31,7 @@ def base_config() -> mlc.ConfigDict:
         lam=1.0, stages="both", warmup_share=0.3, tau_t=1.0, tau_r=1.0, nce_reduction="sum",
         score_bias=False, score_bias_grad=False, score_bias_ramp=500, teacher_chunks=1,
         candidates="pseudo", refresh_every=500, index_negatives=2,
-        closed_book=False, time_budget_s=0.0,
+        closed_book=False, time_budget_s=0.0, stop_at_step=0,
         log_every=50, ckpt_every=1000, keep=3, eval_every=0))
     c.eval = mlc.ConfigDict(dict(
         tasks="qa,two_hop_qa,slot_filling,fact_verification,entity_linking", split="dev", k="1,5", limit=400,

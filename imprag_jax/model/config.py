@@ -157,7 +157,7 @@ class ModelConfig:
     @classmethod
     def smollm2_135m(cls, **kw) -> "ModelConfig":
         base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                    num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, b=7, t=19,
+                    num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, b=7, t=21,
                     max_position=8192)
         base.update(kw)
         return cls(**base)

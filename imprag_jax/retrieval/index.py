@@ -51,8 +51,12 @@ def config_fingerprint(fields: Mapping[str, Any]) -> str:
 
 
 def embedding_fingerprint(cfg: Any, extra: Optional[Mapping[str, Any]] = None) -> str:
-    """`config_fingerprint` of the fields of a model config (dataclass, dict or object) that determine the
-    retrieval embeddings (`EMBEDDING_FIELDS`), plus `extra` (e.g. a checkpoint name)."""
+    """The fingerprint of the model-config fields that determine the retrieval embeddings: the config's own
+    `retrieval_fingerprint()` when it has one (`imprag_jax.model.ModelConfig`), else `config_fingerprint` of its
+    `EMBEDDING_FIELDS` (dataclass, dict or object); `extra` fields (e.g. a checkpoint name) are mixed in."""
+    if hasattr(cfg, "retrieval_fingerprint") and callable(cfg.retrieval_fingerprint):
+        fp = cfg.retrieval_fingerprint()
+        return fp if not extra else config_fingerprint({"config": fp, **dict(extra)})
     if isinstance(cfg, Mapping):
         src = dict(cfg)
     elif dataclasses.is_dataclass(cfg):
@@ -79,8 +83,14 @@ def _jsonable(x):
 
 # ----------------------------------------------------------------------------------------------- mesh helpers
 def default_mesh() -> Mesh:
-    """A 1-D mesh over every device (axis "index")."""
-    return jax.make_mesh((jax.device_count(),), ("index",))
+    """A 1-D mesh over every device (axis "index", Auto axis type)."""
+    return Mesh(np.asarray(jax.devices()), ("index",))
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with Auto axis types (jax.make_mesh makes Explicit ones, under which the
+    model code's gathers would need explicit out_shardings)."""
+    return Mesh(mesh.devices, mesh.axis_names)
 
 
 def row_spec(mesh) -> P:
@@ -126,7 +136,7 @@ class PassageIndex:
             raise ValueError(f"embeddings must be [N, D], got shape {emb.shape}")
         n = emb.shape[0]
         n_pad = padded_rows(n, mesh)
-        emb = emb.astype(jnp.dtype(dtype))
+        emb = emb.astype(jnp.dtype(dtype), copy=False)
         tok = msk = None
         if tokens is not None:
             tok = np.asarray(jax.device_get(tokens)).astype(np.int32)

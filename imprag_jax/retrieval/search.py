@@ -5,17 +5,19 @@
 When the index rows are sharded over a mesh the search runs under `jax.shard_map`: every shard scores its rows
 (fp32 accumulation of `E_q` cast to the index dtype), takes a local top-k, the `(score, global id)` candidates of
 all shards are all-gathered and a global top-k picks the answer.  Padding rows (the index pads N up to a multiple
-of the device count) get score -inf and id -1; so do the surplus slots when N < k.
+of the device count with zero rows) never come back; the surplus slots when N < k hold score -inf and id -1.
 
 Backends (the local top-k; the global merge is always exact):
   * `exact`  -- `lax.top_k` over all scores.
   * `binned` -- partial reduce: the scores of a shard are split into `num_bins` strided bins (row r is in bin
-                r mod num_bins, so neighbouring rows -- passages of one article -- land in different bins), the
-                max of each bin (and its argmax) is kept, then an exact top-k over the bin winners.  A true top-k
-                row is lost only when a better top-k row shares its bin: for rank r that happens with
-                probability ~(r-1)/num_bins, so mean recall@k ~ 1 - (k-1)/(2*num_bins).
-                `default_num_bins` sizes the bins from k and `recall_target` (0.99 -> 512 bins for k = 10).
-                One pass over the scores; on GPU it runs at matmul speed where `approx_max_k` sorts.
+                r mod num_bins, so neighbouring rows -- passages of one article -- land in different bins), a
+                single max-reduce keeps each bin's best score, an exact top-k picks the k best bins and an argmax
+                over just those k bins finds their rows.  A true top-k row is lost only when a better top-k row
+                shares its bin: for rank r that happens with probability ~(r-1)/num_bins, so mean recall@k ~
+                1 - (k-1)/(2*num_bins).  `default_num_bins` sizes the bins from k and `recall_target` (0.99 ->
+                512 for k = 10); `pick_bins` moves that to a divisor of the shard's row count when one is near,
+                so the scores reshape into bins without a copy.  One pass over the scores: on GPU it runs at
+                matmul speed where `approx_max_k` falls back to a full sort.
   * `approx` -- `lax.approx_max_k(recall_target=...)`: the TPU partial-reduce kernel (exact sort on CPU/GPU).
 
 `score_all(index, E_q)` returns the full score matrix (the matmul alone: the reference the backends are timed
@@ -52,27 +54,44 @@ def default_num_bins(n_rows: int, k: int, recall_target: float = 0.99) -> int:
 
 
 # ------------------------------------------------------------------------------------------ local top-k kernels
+def pick_bins(n_rows: int, target: int) -> int:
+    """The bin count actually used on a shard of `n_rows` rows: a divisor of n_rows in [target, 4 target]
+    (multiples of 128 first), so that the scores reshape into bins without a tail; else `target` (the
+    n_rows mod target tail rows then become candidates of their own, at the cost of a copy of the scores)."""
+    if not target or n_rows % target == 0:
+        return target
+    hi = min(4 * target, n_rows // 2)
+    for step in (128, 8, 1):
+        for b in range(-(-target // step) * step, hi + 1, step):
+            if n_rows % b == 0:
+                return b
+    return target
+
+
 def _binned_topk(s: jax.Array, k: int, num_bins: int) -> Tuple[jax.Array, jax.Array]:
-    """Top-k of s [Q, n] over the maxima of `num_bins` strided bins (plus the n mod num_bins tail rows)."""
+    """Top-k of s [Q, n] over the maxima of `num_bins` strided bins (plus the n mod num_bins tail rows).
+
+    One single-output max-reduce over the scores (the cheapest reduction on every backend), an exact top-k over
+    the bin maxima, then the winning row of each of the k chosen bins is found by an argmax over just those k
+    bins (a [Q, n/num_bins, k] gather: tiny)."""
     q, n = s.shape
     per_bin = n // num_bins
     main = per_bin * num_bins
+    if main == n:
+        s3 = s.reshape(q, per_bin, num_bins)  # row r = i * num_bins + b is in bin b
+        v, j = lax.top_k(jnp.max(s3, axis=1), k)
+        cols = jnp.take_along_axis(s3, j[:, None, :], axis=2)  # [Q, per_bin, k]
+        within = jnp.argmax(cols, axis=1).astype(jnp.int32)  # first max: the lowest row on ties
+        return v, (within * num_bins + j).astype(jnp.int32)
+    # a tail: the rows past the last full bin are candidates of their own (slicing s costs a copy)
     s3 = s[:, :main].reshape(q, per_bin, num_bins)
-    pos = lax.broadcasted_iota(jnp.int32, s3.shape, 1)
-
-    def better(a, b):
-        (av, ai), (bv, bi) = a, b
-        take_a = (av > bv) | ((av == bv) & (ai < bi))
-        return jnp.where(take_a, av, bv), jnp.where(take_a, ai, bi)
-
-    bin_max, bin_arg = lax.reduce((s3, pos), (jnp.array(-jnp.inf, s.dtype), jnp.array(0, jnp.int32)), better, (1,))
-    cand_ids = bin_arg * num_bins + jnp.arange(num_bins, dtype=jnp.int32)[None, :]
-    if main < n:  # the tail rows are candidates of their own
-        bin_max = jnp.concatenate([bin_max, s[:, main:]], axis=1)
-        tail = jnp.broadcast_to(jnp.arange(main, n, dtype=jnp.int32)[None, :], (q, n - main))
-        cand_ids = jnp.concatenate([cand_ids, tail], axis=1)
-    v, j = lax.top_k(bin_max, k)
-    return v, jnp.take_along_axis(cand_ids, j, axis=1)
+    cand = jnp.concatenate([jnp.max(s3, axis=1), s[:, main:]], axis=1)
+    v, j = lax.top_k(cand, k)
+    jb = jnp.minimum(j, num_bins - 1)
+    cols = jnp.take_along_axis(s3, jb[:, None, :], axis=2)
+    within = jnp.argmax(cols, axis=1).astype(jnp.int32)
+    rows = jnp.where(j < num_bins, within * num_bins + j, main + (j - num_bins))
+    return v, rows.astype(jnp.int32)
 
 
 def _local_topk(s, k, backend, num_bins, recall_target, reduction_size):
@@ -87,38 +106,55 @@ def _local_topk(s, k, backend, num_bins, recall_target, reduction_size):
 
 
 def _shard_search(q, e, *, k, backend, n, row_axes, num_bins, recall_target, precision, query_block,
-                  n_total_pad):
+                  n_total_pad, zero_padded):
     """Runs on one shard (or on everything when row_axes is empty): local top-k with global ids, then (sharded)
-    all-gather + global top-k."""
+    all-gather + global top-k.
+
+    Rows >= n are padding.  When they are known to be zero (a PassageIndex, or rows padded here) they score
+    exactly 0, so instead of masking the whole [Q, rows] score matrix (an extra pass over it) the local top-k
+    takes `extra` more candidates (extra = padding rows on one shard, < the device count for a PassageIndex)
+    and drops the padding ids from that small result: still exact for "exact"; for "binned" a zero row can
+    only take the place of a bin winner scoring below 0.  Otherwise the scores are masked with -inf."""
     n_local = e.shape[0]
-    k_loc = min(k, n_local)
+    pad_total = n_total_pad - n
+    mask_scores = pad_total > 0 and not zero_padded
+    extra = min(pad_total, n_local) if (pad_total > 0 and zero_padded) else 0
+    n_cand = n_local if backend != "binned" or not num_bins else num_bins + n_local % num_bins
+    k_loc = min(k + extra, n_cand)
+    k_out = min(k, k_loc)
     shard = lax.axis_index(row_axes) if row_axes else 0
     base = shard * n_local
 
     def one_block(qb):
         s = jnp.dot(qb.astype(e.dtype), e.T, preferred_element_type=jnp.float32, precision=precision)
-        if n_total_pad > n:  # padding rows
+        if mask_scores:
             gid = base + lax.broadcasted_iota(jnp.int32, (1, n_local), 1)
             s = jnp.where(gid < n, s, NEG_INF)
         v, i = _local_topk(s, k_loc, backend, num_bins, recall_target, n_total_pad)
         ids = (base + i).astype(jnp.int32)
-        return v.astype(jnp.float32), jnp.where(ids < n, ids, -1)
+        valid = ids < n
+        v = jnp.where(valid, v.astype(jnp.float32), NEG_INF)
+        ids = jnp.where(valid, ids, -1)
+        if k_out < k_loc:  # drop the padding candidates
+            v, j = lax.top_k(v, k_out)
+            ids = jnp.take_along_axis(ids, j, axis=1)
+        return v, ids
 
     Q = q.shape[0]
     if query_block and Q > query_block:
         nb = -(-Q // query_block)
         qp = jnp.pad(q, ((0, nb * query_block - Q), (0, 0))).reshape(nb, query_block, q.shape[1])
         v, i = lax.map(one_block, qp)
-        v, i = v.reshape(-1, k_loc)[:Q], i.reshape(-1, k_loc)[:Q]
+        v, i = v.reshape(-1, k_out)[:Q], i.reshape(-1, k_out)[:Q]
     else:
         v, i = one_block(q)
     if row_axes:
         v = lax.all_gather(v, row_axes, axis=1, tiled=True)
         i = lax.all_gather(i, row_axes, axis=1, tiled=True)
     if v.shape[1] < k:  # N < k: pad the candidates
-        extra = k - v.shape[1]
-        v = jnp.pad(v, ((0, 0), (0, extra)), constant_values=-jnp.inf)
-        i = jnp.pad(i, ((0, 0), (0, extra)), constant_values=-1)
+        more = k - v.shape[1]
+        v = jnp.pad(v, ((0, 0), (0, more)), constant_values=-jnp.inf)
+        i = jnp.pad(i, ((0, 0), (0, more)), constant_values=-1)
     if row_axes or v.shape[1] > k:
         v, j = lax.top_k(v, k)
         i = jnp.take_along_axis(i, j, axis=1)
@@ -160,17 +196,18 @@ def _resolve(index_or_arrays, mesh, n_valid, query_fingerprint):
         emb, n = idx.embeddings, idx.n
         m = idx.mesh if mesh is None else mesh
         axes = tuple(m.axis_names) if m is not None else ()
-        return emb, n, m, axes
+        return emb, n, m, axes, True
     if isinstance(index_or_arrays, dict):
         emb = index_or_arrays["embeddings"]
         n_valid = index_or_arrays.get("n", n_valid)
     else:
         emb = index_or_arrays
     n = int(n_valid) if n_valid is not None else int(emb.shape[0])
+    zero_padded = n >= emb.shape[0]  # rows past n_valid of a raw array may hold anything
     if mesh is not None:
-        return emb, n, mesh, tuple(mesh.axis_names)
+        return emb, n, mesh, tuple(mesh.axis_names), zero_padded
     m, axes = _infer_row_sharding(emb)
-    return emb, n, m, axes
+    return emb, n, m, axes, zero_padded
 
 
 def search(index_or_arrays, E_q, k: int, backend: str = "exact", *, query_fingerprint: Optional[str] = None,
@@ -200,7 +237,7 @@ def search(index_or_arrays, E_q, k: int, backend: str = "exact", *, query_finger
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    emb, n, m, row_axes = _resolve(index_or_arrays, mesh, n_valid, query_fingerprint)
+    emb, n, m, row_axes, zero_padded = _resolve(index_or_arrays, mesh, n_valid, query_fingerprint)
     if E_q.ndim != 2:
         raise ValueError(f"E_q must be [Q, D], got shape {E_q.shape}")
     D = emb.shape[1]
@@ -217,27 +254,43 @@ def search(index_or_arrays, E_q, k: int, backend: str = "exact", *, query_finger
     n_local = n_pad // n_shards
     nb = 0
     if backend == "binned":
-        nb = num_bins if num_bins is not None else default_num_bins(n_local, min(k, n_local), rt)
+        nb = num_bins if num_bins is not None else pick_bins(n_local, default_num_bins(n_local, min(k, n_local), rt))
         if nb and nb > n_local:
             nb = 0
     fn = functools.partial(_shard_search, k=k, backend=backend, n=n, row_axes=row_axes, num_bins=nb,
-                           recall_target=rt, precision=precision, query_block=query_block, n_total_pad=n_pad)
+                           recall_target=rt, precision=precision, query_block=query_block, n_total_pad=n_pad,
+                           zero_padded=zero_padded)
     if not row_axes:
         return fn(E_q, emb)
+    E_q = _replicated(E_q)
     sm = jax.shard_map(fn, mesh=m, in_specs=(P(), P(row_axes, None)), out_specs=(P(), P()), check_vma=False)
     return sm(E_q, emb)
+
+
+def _replicated(x):
+    """Under an explicit-axes mesh (`jax.set_mesh`) a batch-sharded E_q must be resharded explicitly before it
+    enters shard_map replicated (the queries are tiny: [Q, D])."""
+    try:
+        sh = jax.typeof(x).sharding
+    except Exception:
+        return x
+    spec = getattr(sh, "spec", None)
+    if spec is not None and any(e is not None for e in spec):
+        return jax.reshard(x, P())
+    return x
 
 
 def score_all(index_or_arrays, E_q, *, mesh=None, precision=None) -> jax.Array:
     """The scores of every row `[Q, N_padded]` (fp32; sharded by columns like the index rows): the matmul the
     search backends start from.  Padding columns hold garbage (zeros); slice `[:, :index.n]`."""
-    emb, n, m, row_axes = _resolve(index_or_arrays, mesh, None, None)
+    emb, n, m, row_axes, _ = _resolve(index_or_arrays, mesh, None, None)
 
     def mm(q, e):
         return jnp.dot(q.astype(e.dtype), e.T, preferred_element_type=jnp.float32, precision=precision)
 
     if not row_axes:
         return mm(E_q, emb)
+    E_q = _replicated(E_q)
     return jax.shard_map(mm, mesh=m, in_specs=(P(), P(row_axes, None)), out_specs=P(None, row_axes),
                          check_vma=False)(E_q, emb)
 

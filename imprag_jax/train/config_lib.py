@@ -45,6 +45,8 @@ def model_config(c, vocab_size: Optional[int] = None, base: Optional[ModelConfig
         m.pop(k, None)
     if m.get("head_dim", 0) in (0, None):
         m["head_dim"] = None
+    if m.get("rope_scaling") is not None and hasattr(m["rope_scaling"], "to_dict"):
+        m["rope_scaling"] = m["rope_scaling"].to_dict()
     if m.get("prompt_offset", -1) in (-1, None):
         m["prompt_offset"] = None
     if not m.get("vocab_size"):
@@ -106,9 +108,20 @@ def batch_config(c):
 
 def data_dir(c, workdir: str) -> str:
     """The prepared data directory; for the synthetic world it is generated on first use."""
-    d = c.data.dir or (os.path.join(workdir, "data") if c.data.kind == "synthetic" else "")
-    if c.data.kind not in ("synthetic", "prepared"):
-        _fail(f"data.kind must be synthetic or prepared, got {c.data.kind!r}")
+    d = c.data.dir or (os.path.join(workdir, "data") if c.data.kind in ("synthetic", "minikilt") else "")
+    if c.data.kind not in ("synthetic", "prepared", "minikilt"):
+        _fail(f"data.kind must be synthetic, minikilt or prepared, got {c.data.kind!r}")
+    if c.data.kind == "minikilt" and not os.path.exists(os.path.join(d, "passages.jsonl")):
+        src = c.data.source
+        if not os.path.isabs(src):
+            src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), src)
+        if not os.path.isdir(src):
+            _fail(f"data.source={c.data.source!r} (resolved to {src}) is not a folder with the original data files")
+        from ..data.prepare import main as prepare_main
+
+        print(f"[data] preparing the mini-KILT from {src} into {d}", flush=True)
+        prepare_main(["--source", src, "--out", d, "--seed", str(c.seed)])
+        return d
     if c.data.kind == "prepared":
         if not d or not os.path.exists(os.path.join(d, "passages.jsonl")):
             _fail(f"data.dir={d!r} is not a prepared data directory (no passages.jsonl); run "

@@ -67,25 +67,63 @@ def batch_specs(batch_shapes: Dict[str, tuple], mesh, rules=DEFAULT_RULES):
     return abstract, shard
 
 
+def index_specs(n_pad: int, D: int, l_max: int, mesh, dtype=jnp.bfloat16):
+    """Abstract device-index arrays (rows sharded over every mesh axis), for steps that mine candidates."""
+    rows = NamedSharding(mesh, P(tuple(mesh.axis_names), None))
+    return {"emb": jax.ShapeDtypeStruct((n_pad, D), dtype, sharding=rows),
+            "tokens": jax.ShapeDtypeStruct((n_pad, l_max), jnp.int32, sharding=rows),
+            "mask": jax.ShapeDtypeStruct((n_pad, l_max), jnp.int32, sharding=rows)}
+
+
 def compile_step(cfg: ModelConfig, sc: StepConfig, stage: str, tx, mesh, batch_shapes, rules=DEFAULT_RULES,
-                 state_abstract=None):
-    """Lower and compile the step for one stage ahead of the loop. Returns (compiled, shardings)."""
+                 state_abstract=None, index_abstract=None):
+    """Lower and compile the step for one stage ahead of the loop. Returns (compiled, shardings).
+
+    index_abstract: `index_specs(...)` when the step mines candidates from the device index (then the compiled
+    step takes the index arrays as a fourth argument)."""
     s_shard, s_abs = state_shardings(cfg, tx, mesh, rules)
     if state_abstract is not None:
         s_abs = state_abstract
     b_abs, b_shard = batch_specs(batch_shapes, mesh, rules)
     rep = NamedSharding(mesh, P())
 
-    def fn(state, batch, bias_scale):
+    def fn(state, batch, bias_scale, index=None):
         with use_sharding(mesh, rules):
-            return train_step(state, batch, bias_scale, cfg=cfg, sc=sc, stage=stage, tx=tx)
+            return train_step(state, batch, bias_scale, index, cfg=cfg, sc=sc, stage=stage, tx=tx)
 
-    jitted = jax.jit(fn, in_shardings=(s_shard, b_shard, rep), out_shardings=(s_shard, rep), donate_argnums=(0,))
+    in_sh = (s_shard, b_shard, rep)
+    args_extra = ()
+    if index_abstract is not None:
+        in_sh = in_sh + ({k: v.sharding for k, v in index_abstract.items()},)
+        args_extra = (index_abstract,)
+    jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(s_shard, rep), donate_argnums=(0,))
     s_abs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s_abs, s_shard)
     b_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in b_abs.items()}
-    lowered = jitted.lower(s_abs, b_abs, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
+    lowered = jitted.lower(s_abs, b_abs, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep), *args_extra)
     compiled = lowered.compile()
-    return compiled, {"state": s_shard, "batch": b_shard}
+    return CompiledStep(compiled, index_abstract is not None), {"state": s_shard, "batch": b_shard}
+
+
+class CompiledStep:
+    """The AOT-compiled step; accepts a pipeline batch with extra keys (they are dropped). It cannot recompile."""
+
+    def __init__(self, compiled, takes_index: bool = False):
+        self.compiled = compiled
+        self.takes_index = takes_index
+
+    def __call__(self, state, batch, bias_scale, index=None):
+        b = {k: batch[k] for k in BATCH_KEYS}
+        if self.takes_index:
+            if index is None:
+                raise ValueError("this step was compiled to mine candidates: pass the index arrays")
+            return self.compiled(state, b, bias_scale, index)
+        return self.compiled(state, b, bias_scale)
+
+    def memory_analysis(self):
+        return self.compiled.memory_analysis()
+
+    def cost_analysis(self):
+        return self.compiled.cost_analysis()
 
 
 def memory_report(compiled) -> Dict[str, float]:

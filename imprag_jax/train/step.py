@@ -43,6 +43,9 @@ class StepConfig:
     score_bias_grad: bool = False
     accum: int = 1  # gradient accumulation micro-steps
     teacher_chunks: int = 1  # >1: read the k teacher copies in chunks (lower peak memory)
+    candidates: str = "pseudo"  # "pseudo" | "index" | "mixed": negatives mined from the model's own index
+    n_replace: int = 0  # negatives replaced by mined passages per example ("index": all of them)
+    n_index: int = 0  # real rows of the device index (static)
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -93,17 +96,51 @@ def teacher_loglik(params, cfg: ModelConfig, sc: StepConfig, h_q, mask, tokens, 
     return ((lp * v).sum(-1) / jnp.maximum(v.sum(-1), 1.0)).reshape(B, k)
 
 
-def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[str, jax.Array], bias_scale):
+def mine_from_index(e_q, batch, index, sc: StepConfig):
+    """Replace up to `sc.n_replace` negative candidates per example with the best-scoring passages of the model's
+    own index (E_q under stop_gradient; in-graph exact search) that are not already candidates."""
+    from ..model.sharding import current
+    from ..retrieval.search import search
+
+    B, k = batch["passage_ids"].shape
+    m = min(sc.n_replace + k, sc.n_index)
+    ctx = current()
+    _, ids = search(index["emb"], jax.lax.stop_gradient(e_q), m, "exact", n_valid=sc.n_index,
+                    mesh=ctx[0] if ctx is not None and ctx[0].size > 1 else None)
+    own = batch["passage_ids"]
+    dup = (ids[:, :, None] == own[:, None, :]).any(-1) | (ids < 0)
+    order = jnp.where(dup, -1e9, -jnp.arange(m, dtype=jnp.float32)[None])  # keep search order, drop duplicates
+    _, sel = jax.lax.top_k(order, sc.n_replace)
+    mined = jnp.take_along_axis(ids, sel, axis=1)
+    ok = ~jnp.take_along_axis(dup, sel, axis=1)
+    neg = (batch["positives"] == 0) & (batch["retrieval_free"] == 0)[:, None]
+    rank = jnp.clip(jnp.cumsum(neg, axis=1) - 1, 0, sc.n_replace - 1)
+    replace = neg & (jnp.cumsum(neg, axis=1) <= sc.n_replace) & jnp.take_along_axis(ok, rank, axis=1)
+    new_ids = jnp.where(replace, jnp.take_along_axis(mined, rank, axis=1), own)
+    safe = jnp.maximum(new_ids, 0)
+    out = dict(batch)
+    out["passage_ids"] = new_ids
+    out["passages"] = jnp.where(replace[..., None], jnp.take(index["tokens"], safe, axis=0), batch["passages"])
+    out["passage_mask"] = jnp.where(replace[..., None], jnp.take(index["mask"], safe, axis=0).astype(
+        batch["passage_mask"].dtype), batch["passage_mask"])
+    return out, replace
+
+
+def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[str, jax.Array], bias_scale,
+            index=None):
     tokens, mask = batch["tokens"], batch["mask"]
     rf = batch["retrieval_free"] > 0
+    h_q = run_bottom(params, cfg, tokens, mask)
+    e_q = retrieval_embedding(params, cfg, h_q, batch["prompt_mask"], "q")
+    mined = None
+    if index is not None and sc.n_replace > 0:
+        batch, mined = mine_from_index(e_q, batch, index, sc)
     pmask = batch["passage_mask"] * (~rf)[:, None, None].astype(batch["passage_mask"].dtype)
     B, k, L = batch["passages"].shape
     valid = (pmask.sum(-1) > 0) & (batch["passage_ids"] >= 0)  # [B, k]
     example_mask = (~rf) & valid.any(-1)
 
-    # bottom group: prompt and each candidate alone
-    h_q = run_bottom(params, cfg, tokens, mask)
-    e_q = retrieval_embedding(params, cfg, h_q, batch["prompt_mask"], "q")
+    # bottom group: each candidate alone (the prompt's ran above)
     flat_t, flat_m = batch["passages"].reshape(B * k, L), pmask.reshape(B * k, L)
     h_p = run_bottom(params, cfg, flat_t, flat_m)
     e_p = retrieval_embedding(params, cfg, h_p, flat_m, "k").reshape(B, k, -1)
@@ -126,6 +163,8 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
     gen = gen_sum / jnp.maximum(n_tok, 1.0)
 
     metrics = {"gen_nll": gen, "n_tokens": n_tok, "n_ret_examples": example_mask.sum().astype(jnp.float32)}
+    if mined is not None:
+        metrics["mined_per_example"] = mined.sum() / jnp.maximum(example_mask.sum(), 1)
     pos = (batch["positives"] > 0) & valid
     top = jnp.argmax(jnp.where(valid, scores, losses.NEG), axis=-1)
     hit = jnp.take_along_axis(pos, top[:, None], axis=1)[:, 0]
@@ -176,10 +215,13 @@ def _split_micro(x, accum):
     return jnp.swapaxes(x.reshape(b, accum, *x.shape[1:]), 0, 1)
 
 
-def train_step(state, batch, bias_scale, *, cfg: ModelConfig, sc: StepConfig, stage: str, tx):
-    """state = {"params", "opt_state", "step"} -> (new state, metrics). Pure; jit it with `compile_step`."""
+def train_step(state, batch, bias_scale, index=None, *, cfg: ModelConfig, sc: StepConfig, stage: str, tx):
+    """state = {"params", "opt_state", "step"} -> (new state, metrics). Pure; jit it with `compile_step`.
+
+    index: optional {"emb" [N, D], "tokens" [N, l], "mask" [N, l]} (the device PassageIndex) for mined candidates.
+    """
     params = state["params"]
-    grad_fn = jax.value_and_grad(partial(loss_fn, cfg=cfg, sc=sc, stage=stage), has_aux=True)
+    grad_fn = jax.value_and_grad(partial(loss_fn, cfg=cfg, sc=sc, stage=stage, index=index), has_aux=True)
     batch = {k: batch[k] for k in BATCH_KEYS}
     if sc.accum == 1:
         (_, metrics), grads = grad_fn(params, batch=batch, bias_scale=bias_scale)
@@ -199,6 +241,6 @@ def train_step(state, batch, bias_scale, *, cfg: ModelConfig, sc: StepConfig, st
         metrics = {k: (v if k.startswith("n_") else v / sc.accum) for k, v in metrics.items()}
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(new_params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(new_params)
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

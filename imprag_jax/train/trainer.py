@@ -201,11 +201,27 @@ def train(c, workdir: str) -> Dict:
     for key in ("passage_ids", "positives"):
         shapes[key] = ((shapes[key][0][0], k_read), shapes[key][1])
 
+    refresher, index_abs = None, None
+    if T.candidates != "pseudo":  # negatives mined from the model's own index, re-encoded every refresh_every steps
+        import dataclasses
+
+        from ..data.pipeline import corpus_tokens
+        from ..retrieval import IndexRefresher
+        from ..retrieval.index import padded_rows
+        from .state import index_specs
+
+        ctoks, cmask = corpus_tokens(ddir, tokenizer, bcfg.l_max)
+        refresher = IndexRefresher(T.refresh_every, cfg=cfg, tokens=ctoks, mask=cmask, batch_size=256, mesh=mesh,
+                                   index_mesh=mesh, keep_tokens=True, progress=False)
+        n_neg_slots = bcfg.k - (bcfg.n_pos if bcfg.positives != "gold" else 1)
+        n_rep = n_neg_slots if T.candidates == "index" else min(T.index_negatives, n_neg_slots)
+        sc = dataclasses.replace(sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=len(ctoks))
+        index_abs = index_specs(padded_rows(len(ctoks), mesh), cfg.retrieval_dim, bcfg.l_max, mesh)
     stages_needed = sorted({stage_at(s, T.steps, T.warmup_share, T.stages) for s in (0, T.steps - 1)})
     compiled = {}
     for stage in stages_needed:
         t0 = time.time()
-        compiled[stage], shard = compile_step(cfg, sc, stage, tx, mesh, shapes, rules)
+        compiled[stage], shard = compile_step(cfg, sc, stage, tx, mesh, shapes, rules, index_abstract=index_abs)
         mem = memory_report(compiled[stage])
         log(f"[train] compiled the '{stage}' step in {time.time() - t0:.1f}s; per-device memory: "
             + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if v))
@@ -246,6 +262,10 @@ def train(c, workdir: str) -> Dict:
     last_metrics: Dict = {}
     step = start
     stopped_early = False
+    compiles_before = None
+    cur_index = None
+    _count_compiles()
+    float(sched(start))  # warm the eager schedule ops so logging never compiles inside the loop
     try:
         for step in range(start, T.steps):
             stage = stage_at(step, T.steps, T.warmup_share, T.stages)
@@ -254,7 +274,15 @@ def train(c, workdir: str) -> Dict:
                 host = _drop_passages(host)
             batch = _global_batch(host, shard["batch"])
             ramp = 1.0 if T.score_bias_ramp <= 0 else min(1.0, step / T.score_bias_ramp)
-            state, metrics = compiled[stage](state, batch, jnp.float32(ramp))
+            index_arrays = None
+            if refresher is not None:
+                if refresher.maybe_refresh(step, state["params"]) is not None:
+                    ix = refresher.index
+                    index_arrays = {"emb": ix.embeddings.astype(index_abs["emb"].dtype),
+                                    "tokens": ix.tokens.astype(jnp.int32), "mask": ix.mask.astype(jnp.int32)}
+                    cur_index = index_arrays
+                index_arrays = cur_index
+            state, metrics = compiled[stage](state, batch, jnp.float32(ramp), index_arrays)
             data.set_state({"step": step + 1})
             next_batch = data.batch(step + 1) if step + 1 < T.steps else None  # overlaps with the device step
             if (step + 1) % T.log_every == 0 or step + 1 == T.steps:
@@ -283,6 +311,12 @@ def train(c, workdir: str) -> Dict:
             if stopper.requested:
                 stopped_early = True
                 break
+            if step + 1 == 2:
+                compiles_before = _COMPILES[0]
+            if T.stop_at_step and step + 1 >= T.stop_at_step:  # a planned interruption (preemptible schedules)
+                log(f"[train] stop_at_step={T.stop_at_step}: saving and stopping")
+                stopped_early = True
+                break
             if T.time_budget_s and time.time() - t_start > T.time_budget_s:
                 log(f"[train] time budget of {T.time_budget_s:.0f}s reached at step {step + 1}")
                 stopped_early = "budget"
@@ -297,7 +331,8 @@ def train(c, workdir: str) -> Dict:
         mngr.close()
         data.close()
     train_s = time.time() - t_start
-    result = {"step": done, "train_seconds": train_s, "metrics": last_metrics, "stopped_early": stopped_early}
+    result = {"step": done, "train_seconds": train_s, "metrics": last_metrics, "stopped_early": stopped_early,
+              "compiles_after_step_2": (_COMPILES[0] - compiles_before) if compiles_before is not None else None}
     if stopped_early is True:
         writer.close()
         return result
@@ -320,6 +355,23 @@ def train(c, workdir: str) -> Dict:
             f.write(f"# {c.name}: step {done}, {train_s:.0f}s training\n\n{table}\n")
         log(f"\n[eval] step {done} ({train_s:.0f}s training, {result['eval_seconds']:.0f}s evaluation)\n{table}")
     return result
+
+
+_COMPILES = [0]
+_LISTENING = [False]
+
+
+def _count_compiles():
+    """Count XLA compilations (jax.monitoring), to check that the loop never recompiles."""
+    if _LISTENING[0]:
+        return
+
+    def on_event(event, duration, **kw):
+        if event == "/jax/compilation/backend_compile_duration":
+            _COMPILES[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    _LISTENING[0] = True
 
 
 def parse(s):

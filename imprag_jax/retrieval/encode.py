@@ -1,0 +1,253 @@
+"""Corpus encoding: passage tokens -> `PassageIndex`.
+
+`encode_corpus` runs only the bottom group of the model (`imprag_jax.model.passage_embedding`: layers 0..b-1 and
+layer b's key projection), jitted once for a fixed batch shape (the last batch is padded), the batch sharded over
+the mesh's batch axes ("data", "fsdp" when present, else every axis).  A tqdm bar shows progress and the
+passages/s figure is logged at the end (and returned through `stats=`).
+
+With `chunk_dir`, the embeddings of every `chunk_size` passages are written as `chunk_XXXXXX.npy` (fp32) as soon
+as they are done; a second call with the same inputs (same model fingerprint, step, corpus checksum and chunk
+size -- recorded in `chunk_dir/chunks.json`) loads the finished chunks and encodes only the rest, so an
+interrupted run resumes where it stopped.  Chunks written for other inputs are discarded with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from imprag_jax.retrieval.index import PassageIndex, auto_mesh, config_fingerprint, embedding_fingerprint
+
+log = logging.getLogger(__name__)
+
+CHUNK_META = "chunks.json"
+BATCH_AXES = ("data", "fsdp")
+
+
+def corpus_checksum(tokens: np.ndarray, mask: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in (tokens, mask):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _batch_axes(mesh) -> tuple:
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return axes if axes else tuple(mesh.axis_names)
+
+
+def _resolve_fingerprint(cfg, fingerprint) -> str:
+    if fingerprint is None:
+        return embedding_fingerprint(cfg)
+    if isinstance(fingerprint, Mapping):
+        return config_fingerprint(fingerprint)
+    return str(fingerprint)
+
+
+def _on_mesh(params, mesh):
+    """Replicate parameter leaves that do not already live on the mesh's devices."""
+    devs = set(mesh.devices.flat)
+    rep = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and set(x.sharding.device_set) == devs:
+            return x
+        return jax.device_put(x, rep)
+
+    return jax.tree.map(put, params)
+
+
+def _to_host(x) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def encode_corpus(params, cfg, tokens, mask, *, batch_size: int = 64, mesh=None,
+                  chunk_dir: Optional[str] = None, chunk_size: int = 8192, step: int = 0,
+                  fingerprint: Union[str, Mapping[str, Any], None] = None, dtype=jnp.bfloat16,
+                  keep_tokens: bool = True, index_mesh=None, embed_fn: Optional[Callable] = None,
+                  progress: bool = True, on_chunk: Optional[Callable[[int, int], None]] = None,
+                  stats: Optional[dict] = None) -> PassageIndex:
+    """Embeds every passage with the bottom group and returns a `PassageIndex`.
+
+    Args:
+      params, cfg: model parameters and `ModelConfig`.
+      tokens, mask: `[N, l]` passage token ids and validity mask (host arrays; right or left padded).
+      batch_size: passages per jitted call (rounded up to a multiple of the batch-axis devices).
+      mesh: shard each batch over the mesh's batch axes (params not yet on the mesh are replicated onto it);
+        the index rows are then sharded over all of its axes.  None: default device, default index mesh.
+      chunk_dir / chunk_size: save finished chunks of `chunk_size` passages (rounded up to a multiple of the
+        batch size) and resume from them.
+      step: the parameter step recorded in the index.
+      fingerprint: `config_hash` of the index: a string, a dict of config fields (hashed with
+        `config_fingerprint`) or None = `embedding_fingerprint(cfg)`.
+      dtype: embedding dtype stored in the index (bf16 by default).
+      keep_tokens: store the token ids and mask in the index (the reader needs them for in-graph retrieval).
+      index_mesh: mesh of the index rows (default: `mesh`, else all devices).
+      embed_fn: `(params, cfg, tokens, mask) -> E_p` or `(E_p, hidden)`; default `model.passage_embedding`.
+      on_chunk: called as `on_chunk(chunk_id, passages_done)` after each chunk is finished (and saved).
+      stats: if a dict, filled with {"passages", "encoded", "seconds", "passages_per_s", "resumed_chunks"}.
+    """
+    if embed_fn is None:
+        from imprag_jax.model import passage_embedding as embed_fn
+    tokens = np.asarray(tokens)
+    mask = np.asarray(mask)
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(f"tokens and mask must both be [N, l]; got {tokens.shape} and {mask.shape}")
+    N = tokens.shape[0]
+    if N == 0:
+        raise ValueError("empty corpus")
+    fp = _resolve_fingerprint(cfg, fingerprint)
+
+    # ------------------------------------------------------------------ the jitted batch function
+    n_batch_dev = 1
+    in_sh = out_sh = None
+    if mesh is not None:
+        mesh = auto_mesh(mesh)
+        axes = _batch_axes(mesh)
+        n_batch_dev = math.prod(mesh.shape[a] for a in axes)
+        in_sh = NamedSharding(mesh, P(axes, None))
+        out_sh = NamedSharding(mesh, P(axes, None))
+        params = _on_mesh(params, mesh)
+    B = -(-batch_size // n_batch_dev) * n_batch_dev
+
+    def embed(p, t, m):
+        out = embed_fn(p, cfg, t, m)
+        e = out[0] if isinstance(out, (tuple, list)) else out
+        return e.astype(jnp.float32)
+
+    if mesh is not None:
+        try:  # activation sharding constraints of the model code, when it has them
+            from imprag_jax.model.sharding import use_sharding
+        except ImportError:  # pragma: no cover
+            use_sharding = None
+        jitted = jax.jit(embed, out_shardings=out_sh)
+
+        def run(t, m):
+            tt = jax.make_array_from_callback(t.shape, in_sh, lambda i: t[i])
+            mm = jax.make_array_from_callback(m.shape, in_sh, lambda i: m[i])
+            if use_sharding is None:
+                return jitted(params, tt, mm)
+            with use_sharding(mesh):
+                return jitted(params, tt, mm)
+    else:
+        jitted = jax.jit(embed)
+
+        def run(t, m):
+            return jitted(params, t, m)
+
+    # ------------------------------------------------------------------ chunks
+    cs = N if chunk_dir is None else max(B, -(-chunk_size // B) * B)
+    n_chunks = -(-N // cs)
+    done: dict = {}
+    if chunk_dir is not None:
+        done = _prepare_chunks(chunk_dir, {
+            "fingerprint": fp, "step": int(step), "n": int(N), "chunk_size": int(cs),
+            "corpus": corpus_checksum(tokens, mask)}, n_chunks, cs, N)
+
+    out = [None] * n_chunks
+    for c, arr in done.items():
+        out[c] = arr
+    n_resumed = sum(a.shape[0] for a in done.values())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=N, initial=n_resumed, unit="passage", desc="encode_corpus", dynamic_ncols=True,
+                   disable=jax.process_index() != 0)
+    t0 = time.perf_counter()
+    n_encoded = 0
+    for c in range(n_chunks):
+        if out[c] is not None:
+            continue
+        lo, hi = c * cs, min(N, (c + 1) * cs)
+        parts = []
+        pending = None  # one batch in flight while the previous one is copied to the host
+        for s in range(lo, hi, B):
+            e = min(hi, s + B)
+            t, m = tokens[s:e], mask[s:e]
+            if e - s < B:  # fixed batch shape: pad with copies of the first row (always a valid passage)
+                t = np.concatenate([t, np.repeat(t[:1], B - (e - s), axis=0)])
+                m = np.concatenate([m, np.repeat(m[:1], B - (e - s), axis=0)])
+            res = run(t, m)
+            if pending is not None:
+                parts.append(_to_host(pending[0])[: pending[1]])
+                if bar is not None:
+                    bar.update(pending[1])
+            pending = (res, e - s)
+        parts.append(_to_host(pending[0])[: pending[1]])
+        if bar is not None:
+            bar.update(pending[1])
+        out[c] = np.concatenate(parts).astype(np.float32)
+        n_encoded += hi - lo
+        if chunk_dir is not None and jax.process_index() == 0:
+            path = os.path.join(chunk_dir, f"chunk_{c:06d}.npy")
+            tmp = os.path.join(chunk_dir, f".partial_{c:06d}.npy")
+            np.save(tmp, out[c])
+            os.replace(tmp, path)
+        if on_chunk is not None:
+            on_chunk(c, hi)
+    secs = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    rate = n_encoded / secs if n_encoded and secs > 0 else float("nan")
+    if n_encoded:
+        log.info("encode_corpus: %d passages in %.1fs = %.1f passages/s (%d resumed from %s)",
+                 n_encoded, secs, rate, n_resumed, chunk_dir)
+    if stats is not None:
+        stats.update(passages=N, encoded=n_encoded, seconds=secs, passages_per_s=rate,
+                     resumed_chunks=len(done))
+    emb = np.concatenate(out)
+    return PassageIndex.create(emb, tokens if keep_tokens else None, mask if keep_tokens else None,
+                               step=step, config_hash=fp,
+                               mesh=index_mesh if index_mesh is not None else mesh, dtype=dtype)
+
+
+def _prepare_chunks(chunk_dir: str, meta: dict, n_chunks: int, cs: int, N: int) -> dict:
+    """Loads the finished chunks that match `meta`; clears chunk_dir of stale ones."""
+    os.makedirs(chunk_dir, exist_ok=True)
+    meta_path = os.path.join(chunk_dir, CHUNK_META)
+    old = None
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+    names = sorted(f for f in os.listdir(chunk_dir) if f.startswith("chunk_") and f.endswith(".npy"))
+    if old != meta:
+        if names:
+            log.warning("encode_corpus: %s holds chunks of another encoding (%s); discarding them", chunk_dir, old)
+            for f in names:
+                os.remove(os.path.join(chunk_dir, f))
+        if jax.process_index() == 0:
+            with open(meta_path, "w") as f:
+                json.dump(meta, f, indent=1)
+        return {}
+    done = {}
+    for c in range(n_chunks):
+        path = os.path.join(chunk_dir, f"chunk_{c:06d}.npy")
+        if not os.path.exists(path):
+            continue
+        rows = min(N, (c + 1) * cs) - c * cs
+        try:
+            arr = np.load(path)
+        except Exception as e:  # a torn file: encode it again
+            log.warning("encode_corpus: cannot read %s (%s); re-encoding that chunk", path, e)
+            continue
+        if arr.shape[0] != rows:
+            log.warning("encode_corpus: %s has %d rows, expected %d; re-encoding it", path, arr.shape[0], rows)
+            continue
+        done[c] = arr
+    return done

@@ -1,0 +1,86 @@
+"""Index refresh: re-encode the corpus with the current parameters on a schedule (Atlas-style).
+
+    refresher = IndexRefresher(every_n_steps=1000, cfg=cfg, tokens=tok, mask=mask, batch_size=64, mesh=mesh)
+    for step in ...:
+        new = refresher.maybe_refresh(step, params)   # a PassageIndex when it re-encoded, else None
+        index = refresher.index                        # the current one (its .step says which parameters)
+
+The first call always encodes (there is no index yet) unless an `index` is handed in.  A refresh happens when
+`step - index.step >= every_n_steps` (so a resumed run keeps the schedule of the restored index).  With
+`save_dir`, each new index is saved to `save_dir/index_<step>` (the previous `keep` are kept).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from imprag_jax.retrieval.encode import encode_corpus
+from imprag_jax.retrieval.index import PassageIndex
+
+log = logging.getLogger(__name__)
+
+
+class IndexRefresher:
+    def __init__(self, every_n_steps: int, *, cfg, tokens, mask, batch_size: int = 64, mesh=None,
+                 index: Optional[PassageIndex] = None, save_dir: Optional[str] = None, keep: int = 1,
+                 **encode_kwargs: Any):
+        """`encode_kwargs` go to `encode_corpus` (dtype, fingerprint, index_mesh, keep_tokens, progress, ...)."""
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = int(every_n_steps)
+        self.cfg = cfg
+        self.tokens = np.asarray(tokens)
+        self.mask = np.asarray(mask)
+        self.batch_size = batch_size
+        self.mesh = mesh
+        self.index = index
+        self.save_dir = save_dir
+        self.keep = keep
+        self.encode_kwargs = encode_kwargs
+        self.history: list = []  # (step, seconds) of each refresh
+
+    @property
+    def last_step(self) -> Optional[int]:
+        return None if self.index is None else int(jax.device_get(self.index.step))
+
+    def due(self, step: int) -> bool:
+        return self.index is None or int(step) - self.last_step >= self.every_n_steps
+
+    def maybe_refresh(self, step: int, params, force: bool = False) -> Optional[PassageIndex]:
+        """Re-encodes the corpus with `params` when due (or `force`); returns the new index, else None."""
+        if not (force or self.due(step)):
+            return None
+        t0 = time.perf_counter()
+        index = encode_corpus(params, self.cfg, self.tokens, self.mask, batch_size=self.batch_size,
+                              mesh=self.mesh, step=int(step), **self.encode_kwargs)
+        secs = time.perf_counter() - t0
+        self.index = index
+        self.history.append((int(step), secs))
+        log.info("index refreshed at step %d: %d passages in %.1fs", step, index.n, secs)
+        if self.save_dir is not None:
+            self._save(index, int(step))
+        return index
+
+    def _save(self, index: PassageIndex, step: int) -> None:
+        path = os.path.join(self.save_dir, f"index_{step:08d}")
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        index.save(path)
+        if jax.process_index() == 0:
+            old = sorted(d for d in os.listdir(self.save_dir) if d.startswith("index_"))
+            for d in old[: max(0, len(old) - self.keep)]:
+                shutil.rmtree(os.path.join(self.save_dir, d), ignore_errors=True)
+
+    @staticmethod
+    def latest_saved(save_dir: str, mesh=None) -> Optional[PassageIndex]:
+        """The newest index saved under `save_dir` (to resume a run), or None."""
+        if not os.path.isdir(save_dir):
+            return None
+        names = sorted(d for d in os.listdir(save_dir) if d.startswith("index_"))
+        return PassageIndex.restore(os.path.join(save_dir, names[-1]), mesh=mesh) if names else None

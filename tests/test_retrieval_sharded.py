@@ -1,0 +1,98 @@
+"""Retrieval with the index rows sharded over 8 (fake CPU) devices.  The device count is fixed when JAX starts,
+so the checks run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+from conftest import run_with_devices
+
+CODE = r'''
+import os, tempfile
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from imprag_jax.model import ModelConfig, init_params, passage_embedding, query_embedding
+from imprag_jax.model.sharding import make_mesh
+from imprag_jax.retrieval import PassageIndex, brute_force_numpy, encode_corpus, recall_at_k, search
+
+assert jax.device_count() == 8
+one = jax.make_mesh((1,), ("index",), devices=jax.devices()[:1])
+mesh = make_mesh(data=4, fsdp=1, tensor=2)           # (data, fsdp, tensor) = (4, 1, 2)
+flat = jax.make_mesh((8,), ("index",))
+rng = np.random.default_rng(0)
+
+def r(n, d):
+    return rng.standard_normal((n, d)).astype(np.float32)
+
+# 1. sharded == single device, N not a multiple of 8 (and N < k), every backend, inside jit
+for n in (1003, 5):
+    db, q = r(n, 32), r(11, 32)
+    single = PassageIndex.create(db, mesh=one, dtype=jnp.float32)
+    for m in (mesh, flat):
+        sharded = PassageIndex.create(db, mesh=m, dtype=jnp.float32)
+        assert sharded.num_padded % 8 == 0 and sharded.n == n
+        assert sharded.embeddings.sharding.spec == P(tuple(m.axis_names), None)
+        # (binned falls back to an exact top-k on shards of < 2 * num_bins rows; approx is exact on CPU)
+        s1, i1 = jax.jit(lambda ix, e: search(ix, e, 7))(single, jnp.asarray(q))
+        for b in ("exact", "binned", "approx"):
+            f = jax.jit(lambda ix, e, b=b: search(ix, e, 7, backend=b))
+            s8, i8 = f(sharded, jnp.asarray(q))
+            np.testing.assert_array_equal(np.asarray(i8), np.asarray(i1), err_msg=f"{n} {b}")
+            np.testing.assert_allclose(np.asarray(s8), np.asarray(s1), rtol=1e-5, atol=1e-5)
+            assert (np.asarray(i8) < n).all()
+        if n < 7:
+            assert (np.asarray(i8)[:, n:] == -1).all()
+    # a raw host array searched over a mesh (rows padded in the graph)
+    s, i = search(jnp.asarray(db), jnp.asarray(q), 7, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(i)[:, :min(n, 7)], brute_force_numpy(db, q, min(n, 7))[1])
+print("sharded == single: ok")
+
+# 2. binned with real bins on every shard keeps recall
+db, q = r(40000, 32), r(32, 32)
+ref = brute_force_numpy(db, q, 10)[1]
+sharded = PassageIndex.create(db, mesh=mesh, dtype=jnp.bfloat16)
+for b in ("binned", "approx"):
+    _, i = jax.jit(lambda ix, e, b=b: search(ix, e, 10, backend=b))(sharded, jnp.asarray(q))
+    rec = recall_at_k(np.asarray(i), ref)
+    assert rec >= 0.95, (b, rec)
+# a row-sharded raw array: its own sharding says how to split
+arr = jax.device_put(jnp.asarray(db[:40000]), NamedSharding(mesh, P(("data", "tensor"), None)))
+_, i = jax.jit(lambda a, e: search(a, e, 10))(arr, jnp.asarray(q))
+np.testing.assert_array_equal(np.asarray(i), ref)
+# under jax.set_mesh with batch-sharded queries (the train step's situation)
+emesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"))
+ix = PassageIndex.create(db, mesh=emesh, dtype=jnp.float32)
+qs = jax.device_put(jnp.asarray(q), NamedSharding(emesh, P(("data", "fsdp"), None)))
+with jax.set_mesh(emesh):
+    _, i = jax.jit(lambda ix, e: search(ix, e, 10))(ix, qs)
+np.testing.assert_array_equal(np.asarray(i), ref)
+print("binned/approx/raw/set_mesh: ok")
+
+# 3. encode_corpus with the batch sharded over (data, fsdp) == unsharded
+cfg = ModelConfig.tiny(b=1, t=2)
+params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+tok = rng.integers(1, cfg.vocab_size, (37, 9)).astype(np.int32)
+mask = np.ones_like(tok, bool); mask[::3, 6:] = False
+ix8 = encode_corpus(params, cfg, tok, mask, batch_size=6, mesh=mesh, dtype=jnp.float32, progress=False)
+ref_e, _ = passage_embedding(params, cfg, jnp.asarray(tok), jnp.asarray(mask))
+np.testing.assert_allclose(ix8.host_embeddings(), np.asarray(ref_e), rtol=1e-4, atol=1e-5)
+assert ix8.embeddings.sharding.spec == P(("data", "fsdp", "tensor"), None)
+E_q = query_embedding(params, cfg, jnp.asarray(tok[:4]), jnp.asarray(mask[:4]))
+np.testing.assert_array_equal(np.asarray(search(ix8, E_q, 5)[1]),
+                              brute_force_numpy(np.asarray(ref_e), np.asarray(E_q), 5)[1])
+print("encode_corpus on a mesh: ok")
+
+# 4. save on 8 devices, restore on 8 (direct) and on 3 (re-padded)
+with tempfile.TemporaryDirectory() as d:
+    ix8.save(os.path.join(d, "ix"))
+    q = jnp.asarray(np.asarray(E_q))
+    want = np.asarray(search(ix8, q, 5)[1])
+    for m in (flat, jax.make_mesh((3,), ("index",), devices=jax.devices()[:3])):
+        back = PassageIndex.restore(os.path.join(d, "ix"), mesh=m)
+        assert back.n == 37 and back.num_padded % m.size == 0 and back.step == 0
+        np.testing.assert_array_equal(np.asarray(search(back, q, 5)[1]), want)
+        np.testing.assert_array_equal(np.asarray(back.tokens)[:37], tok)
+print("save/restore across meshes: ok")
+'''
+
+
+def test_sharded_retrieval_on_8_devices():
+    out = run_with_devices(CODE, n=8, timeout=400)
+    for line in ("sharded == single: ok", "binned/approx/raw/set_mesh: ok", "encode_corpus on a mesh: ok",
+                 "save/restore across meshes: ok"):
+        assert line in out
