@@ -29,7 +29,7 @@ def base_config() -> mlc.ConfigDict:
         steps=4000, lr=2e-3, warmup_steps=150, end_lr_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.98,
         clip=1.0, accum=1,
         lam=1.0, stages="both", warmup_share=0.3, tau_t=1.0, tau_r=1.0, nce_reduction="sum",
-        score_bias=False, score_bias_grad=False, score_bias_ramp=500, teacher_chunks=1,
+        score_bias=False, score_bias_grad=False, score_bias_ramp=500, teacher_chunks=1, teacher_len=0,
         candidates="pseudo", refresh_every=500, index_negatives=2,
         closed_book=False, time_budget_s=0.0, stop_at_step=0,
         log_every=50, ckpt_every=1000, keep=3, eval_every=0))

@@ -6,6 +6,15 @@ counterfactual gold and negative passages, retrieval-free format examples, lambd
   python -m imprag_jax.train --config configs/synthetic.py --workdir runs/synthetic
   python -m imprag_jax.train --config configs/synthetic.py:smoke --workdir /tmp/smoke
   python -m imprag_jax.train --config configs/synthetic.py:closed_book --workdir runs/closed_book
+
+Baselines from the same code, data and budget (paper Tables 2/3 at small scale; combine with `smoke`, e.g.
+`:smoke,ra_it`):
+  closed_book   no passages in training or evaluation
+  ra_it         RA-IT: the BM25 top-k read in context through every layer (b = 0, t = N-1: the reader is the plain
+                decoder over [passage slots ; prompt]), fine-tuned the same way without a retrieval loss;
+                evaluated reading the stored BM25 top k (mode bm25)
+  warmup_only   ImpRAG with the warmup objective (NCE on the candidates) throughout
+  distill_only  ImpRAG with self-distillation (KL) throughout
 """
 import os
 import sys
@@ -21,7 +30,7 @@ def get_config(arg: str = ""):
                         embed_scale=128 ** 0.5, tie_embeddings=True,
                         init_std=128 ** -0.5))  # 0.02 leaves E_q.E_p ~ 0 and the NCE never starts (docs/results.md)
     c.train.time_budget_s = 480.0
-    for a in [x for x in arg.split(",") if x]:
+    for a in sorted([x for x in arg.split(",") if x], key=lambda x: x != "smoke"):  # smoke first, baselines win
         if a == "smoke":
             c.data.people = 200
             c.train.update(dict(steps=12, warmup_steps=2, log_every=4, ckpt_every=8, time_budget_s=0.0))
@@ -32,6 +41,19 @@ def get_config(arg: str = ""):
             c.train.update(dict(closed_book=True, stages="none"))
             c.data.cf = 0.0  # a closed-book model must learn the facts themselves
             c.eval.update(dict(modes="closed_book", k="0"))
+        elif a == "ra_it":
+            c.name = "synthetic_ra_it"
+            c.model.update(dict(b=0, t=c.model.num_layers - 1))  # passages in context through every layer
+            c.train.stages = "none"
+            c.data.update(dict(positives="pseudo", n_pos=c.data.k, n_neg=0))  # candidates = the BM25 top k
+            c.eval.update(dict(modes="bm25", k=str(c.data.k)))
+        elif a == "warmup_only":
+            c.name = "synthetic_warmup_only"
+            c.train.stages = "warmup"
+        elif a == "distill_only":
+            c.name = "synthetic_distill_only"
+            c.train.stages = "distill"
         else:
-            raise ValueError(f"unknown config argument {a!r} (known: smoke, closed_book)")
+            raise ValueError(f"unknown config argument {a!r} "
+                             "(known: smoke, closed_book, ra_it, warmup_only, distill_only)")
     return c

@@ -221,6 +221,11 @@ class DecoderLayer(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
         return (x, new_kv) if return_kv else x
 
+    def kv(self, x, pos):
+        """This layer's rotated keys and values only (the passages' last middle layer needs nothing else)."""
+        h = self.input_norm(x)
+        return apply_rope(self.attn.project_k(h), pos, rope_inv_freq(self.cfg)), self.attn.project_v(h)
+
     def retrieval_q(self, x):
         return self.attn.project_q(self.input_norm(x))
 

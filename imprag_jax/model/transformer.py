@@ -240,8 +240,12 @@ def passage_kv(params, cfg: ModelConfig, h_p, passage_mask, attention: Optional[
         h2, (kk, vv) = layer.apply({"params": p}, h, pos, mask3, return_kv=True)
         return h2, (kk, vv)
 
-    _, (ks, vs) = _scan_layers(cfg, layer_slice(params, cfg.b, cfg.t + 1), body, x)
-    return PassageKV(ks, vs, m)
+    # layers b..t-1 in full; layer t only needs its K/V (the passage stream ends there)
+    x, kvs = _scan_layers(cfg, layer_slice(params, cfg.b, cfg.t), body, x)
+    kt, vt = layer.apply({"params": _one_layer(params, cfg.t)}, x, pos, method=DecoderLayer.kv)
+    if kvs is None:
+        return PassageKV(kt[None], vt[None], m)
+    return PassageKV(jnp.concatenate([kvs[0], kt[None]], 0), jnp.concatenate([kvs[1], vt[None]], 0), m)
 
 
 def prompt_through(params, cfg: ModelConfig, h_q, mask, pkv: Optional[PassageKV], offset, prefix_bias=None):

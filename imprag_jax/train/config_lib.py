@@ -84,7 +84,8 @@ def step_config(c) -> StepConfig:
         _fail(f"global batch {B} (data.batch_size + data.free_batch_size) is not divisible by train.accum={t.accum}")
     return StepConfig(r_len=c.data.L_r if not _lm_tasks(c) else c.data.L_q + c.data.L_r, lam=t.lam,
                       tau_t=t.tau_t, tau_r=t.tau_r, nce_reduction=t.nce_reduction, score_bias=t.score_bias,
-                      score_bias_grad=t.score_bias_grad, accum=t.accum, teacher_chunks=t.teacher_chunks)
+                      score_bias_grad=t.score_bias_grad, accum=t.accum, teacher_chunks=t.teacher_chunks,
+                      teacher_len=t.teacher_len)
 
 
 def _lm_tasks(c) -> bool:

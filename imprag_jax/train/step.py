@@ -46,6 +46,8 @@ class StepConfig:
     candidates: str = "pseudo"  # "pseudo" | "index" | "mixed": negatives mined from the model's own index
     n_replace: int = 0  # negatives replaced by mined passages per example ("index": all of them)
     n_index: int = 0  # real rows of the device index (static)
+    teacher_len: int = 0  # >0: the teacher reads only the first teacher_len prompt+response tokens (rows that are
+    #                       longer leave the KL); saves the B*k prompt copies' padding when retrieval rows are short
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -176,8 +178,11 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
                                        example_mask, sc.nce_reduction)
         metrics["nce"] = ret
     elif stage == "distill":
-        t_ll = teacher_loglik(params, cfg, sc, h_q, mask, tokens, batch["loss_mask"], h_p, pmask)
-        ret, p_t, p_r = losses.self_distillation_kl(t_ll, scores, valid, example_mask, sc.tau_t, sc.tau_r)
+        Lt = sc.teacher_len if 0 < sc.teacher_len < tokens.shape[1] else tokens.shape[1]
+        t_ll = teacher_loglik(params, cfg, sc, h_q[:, :Lt], mask[:, :Lt], tokens[:, :Lt], batch["loss_mask"][:, :Lt],
+                              h_p, pmask)
+        kl_rows = example_mask & (mask[:, Lt:].sum(-1) == 0) if Lt < tokens.shape[1] else example_mask
+        ret, p_t, p_r = losses.self_distillation_kl(t_ll, scores, valid, kl_rows, sc.tau_t, sc.tau_r)
         metrics["kl"] = ret
         tt = jnp.argmax(jnp.where(valid, t_ll, losses.NEG), axis=-1)
         metrics["teacher_top1_is_pos"] = ((jnp.take_along_axis(pos, tt[:, None], 1)[:, 0]) & example_mask).sum() \
