@@ -255,7 +255,7 @@ def test_scann_build_search_serialize(tmp_path):
     assert ScannIndex.build(db[:3000]).params["brute_force"]  # small corpora: exact brute force by default
     idx = ScannIndex.build(db, brute_force=False, config_hash="h", step=3)
     assert not idx.params["brute_force"] and idx.params["num_leaves"] == round(6000 ** 0.5)
-    assert idx.params["num_leaves_to_search"] == 12
+    assert idx.params["num_leaves_to_search"] == 16
     s, i = idx.search(q, 10)
     assert s.dtype == np.float32 and i.dtype == np.int32 and recall_at_k(i, ref) >= 0.9
     idx.serialize(str(tmp_path / "sc"))

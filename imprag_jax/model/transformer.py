@@ -63,9 +63,14 @@ def _is_box(x):
     return isinstance(x, nn.LogicallyPartitioned)
 
 
-def init_params(cfg: ModelConfig, rng) -> dict:
-    """Random parameters (param_dtype, fp32 by default)."""
+@partial(jax.jit, static_argnums=0)
+def _init_jit(cfg: ModelConfig, rng):
     return nn.meta.unbox(_boxed_init(cfg, rng))
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+    """Random parameters (param_dtype, fp32 by default); jitted (eager flax init of the stacked layers is slow)."""
+    return _init_jit(cfg, rng)
 
 
 def param_logical_axes(cfg: ModelConfig) -> dict:

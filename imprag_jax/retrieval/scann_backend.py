@@ -6,7 +6,7 @@
     idx.serialize(dir); idx = ScannIndex.load(dir)
 
 Defaults (`default_params(N, D)`): below `BRUTE_FORCE_BELOW` (20k) rows, ScaNN's exact brute force (already
-~5-10x numpy there: SIMD, threads).  Above, a k-means tree with ~sqrt(N) leaves of which 15% (at least 8) are
+~5-10x numpy there: SIMD, threads).  Above, a k-means tree with ~sqrt(N) leaves of which 20% (at least 8) are
 searched, scored with anisotropic-hashing (AH) codes of 2 dimensions per block, and the best `reorder` (200)
 candidates rescored exactly in fp32.  Tuned on real SmolLM2 ImpRAG embeddings (passages and passage prefixes of
 the real pool, with question E_q and held-out passage E_p as queries; docs/retrieval.md): at 10% of the leaves
@@ -29,7 +29,7 @@ INSTALL_HINT = "pip install 'imprag_jax[scann]'"
 META_FILE = "imprag_scann.json"
 BRUTE_FORCE_BELOW = 20_000
 # fraction of the leaves searched; the floor keeps recall up on small trees
-LEAVES_FRACTION = 0.15
+LEAVES_FRACTION = 0.20
 MIN_LEAVES_TO_SEARCH = 8
 REORDER_MIN = 200
 
