@@ -49,7 +49,10 @@ def get_config(arg: str = ""):
             c.eval.update(dict(modes="closed_book", k="0", score_bias=False))
         elif a == "ra_it":
             c.name = "synthetic_ra_it"
-            c.model.update(dict(b=0, t=c.model.num_layers - 1))  # passages in context through every layer
+            # passages in context through every layer: b = 0, t = N-1 with joint (causal) passage attention
+            c.model.update(dict(b=0, t=c.model.num_layers - 1, passage_attention="joint"))
+            c.train.score_bias = False
+            c.eval.score_bias = False
             c.train.stages = "none"
             c.data.update(dict(positives="pseudo", n_pos=c.data.k, n_neg=0))  # candidates = the BM25 top k
             c.eval.update(dict(modes="bm25", k=str(c.data.k)))
