@@ -21,6 +21,10 @@ def maybe_initialize(flag=None):
 
     kw = {}
     if os.environ.get("IMPRAG_COORDINATOR"):
+        missing = [k for k in ("IMPRAG_NUM_PROCESSES", "IMPRAG_PROCESS_ID") if not os.environ.get(k)]
+        if missing:
+            raise SystemExit(f"IMPRAG_COORDINATOR is set but {', '.join(missing)} is not: every process needs "
+                             "IMPRAG_COORDINATOR=host:port, IMPRAG_NUM_PROCESSES=n and its own IMPRAG_PROCESS_ID")
         kw = dict(coordinator_address=os.environ["IMPRAG_COORDINATOR"],
                   num_processes=int(os.environ["IMPRAG_NUM_PROCESSES"]),
                   process_id=int(os.environ["IMPRAG_PROCESS_ID"]))

@@ -172,6 +172,14 @@ def train(c, workdir: str) -> Dict:
 
     os.makedirs(workdir, exist_ok=True)
     sc = config_lib.step_config(c)
+    if jax.process_count() > 1:  # one writer for a generated world and its record files
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            from ..data.pipeline import prepare_records
+
+            prepare_records(config_lib.data_dir(c, workdir), None, ["train"])
+        multihost_utils.sync_global_devices("imprag_jax:data")
     ddir = config_lib.data_dir(c, workdir)
     tokenizer = None
     if c.model.init == "random":
@@ -181,7 +189,10 @@ def train(c, workdir: str) -> Dict:
     if tokenizer is None:
         tokenizer = load_tokenizer(ddir)
     bcfg = config_lib.batch_config(c)
-    mesh = make_mesh(**dict(c.mesh))
+    try:
+        mesh = make_mesh(**dict(c.mesh))
+    except ValueError as e:  # "... needs 16 devices but 8 are visible ...; did you start every host?"
+        raise config_lib.ConfigError(str(e)) from None
     rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) for r in c.rules)
     T = c.train
     tx, sched = make_optimizer(T.lr, T.steps, T.warmup_steps, end_lr_ratio=T.end_lr_ratio,
@@ -189,8 +200,9 @@ def train(c, workdir: str) -> Dict:
     log(f"[train] model: {cfg.num_layers} layers (b={cfg.b}, t={cfg.t}), d={cfg.hidden_size}, "
         f"{cfg.num_params() / 1e6:.2f}M params; mesh {dict(mesh.shape)} over {jax.device_count()} devices "
         f"({jax.process_count()} process(es))")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(c.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(c.to_json_best_effort(indent=2))
 
     data = TrainBatches(ddir, tokenizer, bcfg, jax.process_index(), jax.process_count(), prefetch=c.data.prefetch)
     probe = data.batch(0)
@@ -335,6 +347,7 @@ def train(c, workdir: str) -> Dict:
               "compiles_after_step_2": (_COMPILES[0] - compiles_before) if compiles_before is not None else None}
     if stopped_early is True:
         writer.close()
+        _sync_end()
         return result
     # final evaluation
     t0 = time.time()
@@ -354,7 +367,15 @@ def train(c, workdir: str) -> Dict:
         with open(os.path.join(workdir, "eval", "final.md"), "w") as f:
             f.write(f"# {c.name}: step {done}, {train_s:.0f}s training\n\n{table}\n")
         log(f"\n[eval] step {done} ({train_s:.0f}s training, {result['eval_seconds']:.0f}s evaluation)\n{table}")
+    _sync_end()
     return result
+
+
+def _sync_end():
+    if jax.process_count() > 1:  # leave together (a process that exits early breaks the shutdown barrier)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("imprag_jax:end")
 
 
 _COMPILES = [0]

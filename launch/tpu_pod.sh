@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Train on every host of a Cloud TPU VM slice (e.g. v5p-32 = 4 hosts x 4 chips): sync this checkout to all
+# workers, install it, and start the same `python -m imprag_jax.train` on each one (jax.distributed finds its peers).
+#
+#   WORKDIR=/mnt/shared/runs/llama3_8b bash launch/tpu_pod.sh TPU_NAME ZONE configs/llama3_1_8b.py:v5p-32 [--config.x=v ...]
+#
+# WORKDIR must be the same shared directory on every host (NFS / Filestore / gcsfuse mount): orbax writes one
+# checkpoint from all hosts together. Logs: logs/<TPU_NAME>/worker<i>.log here, one per host.
+# Env: GCP_PROJECT, NUM_WORKERS (default: read from the TPU), SKIP_INSTALL=1, REMOTE_DIR (~/imprag_jax), LOG_DIR.
+set -euo pipefail
+if [[ $# -lt 3 ]]; then
+  echo "usage: WORKDIR=/shared/run bash $0 TPU_NAME ZONE CONFIG[:arg] [--config.key=value ...]" >&2
+  exit 2
+fi
+TPU=$1; ZONE=$2; CONFIG=$3; shift 3
+: "${WORKDIR:?set WORKDIR to a directory every TPU host sees (shared mount)}"
+REMOTE_DIR=${REMOTE_DIR:-imprag_jax}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+G=(gcloud compute tpus tpu-vm); F=(--zone="$ZONE" ${GCP_PROJECT:+--project="$GCP_PROJECT"})
+N=${NUM_WORKERS:-$("${G[@]}" describe "$TPU" "${F[@]}" --format='value(networkEndpoints[].ipAddress)' | tr ';,' '\n\n' | grep -c .)}
+LOGS=${LOG_DIR:-$REPO/logs/$TPU}; mkdir -p "$LOGS"
+echo "[tpu_pod] $TPU ($ZONE): $N workers, config $CONFIG, workdir $WORKDIR, logs $LOGS"
+
+TAR=$(mktemp /tmp/imprag_jax.XXXXXX.tgz)
+tar czf "$TAR" -C "$REPO" --exclude=.git --exclude=.venv --exclude=runs --exclude=logs --exclude='*.egg-info' .
+"${G[@]}" scp "$TAR" "$TPU:imprag_jax.tgz" --worker=all "${F[@]}"
+rm -f "$TAR"
+INSTALL="mkdir -p ~/$REMOTE_DIR && tar xzf ~/imprag_jax.tgz -C ~/$REMOTE_DIR"
+[[ "${SKIP_INSTALL:-0}" == 1 ]] || INSTALL+=" && cd ~/$REMOTE_DIR && pip install -q -e '.[data]' 'jax[tpu]'"
+"${G[@]}" ssh "$TPU" --worker=all "${F[@]}" --command="$INSTALL"
+
+ARGS=""; (( $# )) && ARGS=$(printf ' %q' "$@")
+CMD="cd ~/$REMOTE_DIR && python -m imprag_jax.train --distributed --config $(printf %q "$CONFIG") --workdir $(printf %q "$WORKDIR")$ARGS"
+pids=()
+for ((w = 0; w < N; w++)); do  # one ssh per worker, so every host's output lands in its own log
+  "${G[@]}" ssh "$TPU" --worker="$w" "${F[@]}" --command="$CMD" > "$LOGS/worker$w.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for w in "${!pids[@]}"; do wait "${pids[$w]}" || { echo "[tpu_pod] worker $w failed: $LOGS/worker$w.log" >&2; status=1; }; done
+tail -n 5 "$LOGS/worker0.log"
+exit $status
