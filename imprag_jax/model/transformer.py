@@ -234,11 +234,17 @@ def passage_kv(params, cfg: ModelConfig, h_p, passage_mask, attention: Optional[
     """
     attention = attention or cfg.passage_attention
     B, k, L, d = h_p.shape
-    x = h_p.reshape(B, k * L, d)
     m = passage_mask.reshape(B, k * L).astype(bool)
     pos = passage_slots(passage_mask, L)
-    seg = jnp.broadcast_to(jnp.repeat(jnp.arange(k), L)[None], (B, k * L)) if attention == "independent" else None
-    mask3 = causal_mask(m, seg)
+    if attention == "independent":
+        # each passage is its own row (slot positions kept): k x fewer attention pairs than a block-diagonal
+        # mask over the [k*L, k*L] square (the teacher's pass in the self-distillation step)
+        x = h_p.reshape(B * k, L, d)
+        pos = pos.reshape(B * k, L)
+        mask3 = causal_mask(m.reshape(B * k, L))
+    else:
+        x = h_p.reshape(B, k * L, d)
+        mask3 = causal_mask(m)
     layer = _layer(cfg)
 
     def body(p, h, _):
@@ -248,9 +254,10 @@ def passage_kv(params, cfg: ModelConfig, h_p, passage_mask, attention: Optional[
     # layers b..t-1 in full; layer t only needs its K/V (the passage stream ends there)
     x, kvs = _scan_layers(cfg, layer_slice(params, cfg.b, cfg.t), body, x)
     kt, vt = layer.apply({"params": _one_layer(params, cfg.t)}, x, pos, method=DecoderLayer.kv)
-    if kvs is None:
-        return PassageKV(kt[None], vt[None], m)
-    return PassageKV(jnp.concatenate([kvs[0], kt[None]], 0), jnp.concatenate([kvs[1], vt[None]], 0), m)
+    ks = kt[None] if kvs is None else jnp.concatenate([kvs[0], kt[None]], 0)
+    vs = vt[None] if kvs is None else jnp.concatenate([kvs[1], vt[None]], 0)
+    n = ks.shape[0]  # rows back to [n, B, k*L, KV, D] (a no-op reshape for "joint")
+    return PassageKV(ks.reshape(n, B, k * L, *ks.shape[3:]), vs.reshape(n, B, k * L, *vs.shape[3:]), m)
 
 
 def prompt_through(params, cfg: ModelConfig, h_q, mask, pkv: Optional[PassageKV], offset, prefix_bias=None):

@@ -76,6 +76,23 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
+_JITTED: dict = {}
+
+
+def _jitted_embed(cfg, embed_fn, out_sh):
+    """One jitted batch function per (config, embed_fn, output sharding): a second call (an index refresh)
+    reuses the executable instead of tracing and compiling again."""
+    key = (cfg, embed_fn, out_sh)
+    if key not in _JITTED:
+        def embed(p, t, m):
+            out = embed_fn(p, cfg, t, m)
+            e = out[0] if isinstance(out, (tuple, list)) else out
+            return e.astype(jnp.float32)
+
+        _JITTED[key] = jax.jit(embed, out_shardings=out_sh) if out_sh is not None else jax.jit(embed)
+    return _JITTED[key]
+
+
 def encode_corpus(params, cfg, tokens, mask, *, batch_size: int = 64, mesh=None,
                   chunk_dir: Optional[str] = None, chunk_size: int = 8192, step: int = 0,
                   fingerprint: Union[str, Mapping[str, Any], None] = None, dtype=jnp.bfloat16,
@@ -125,17 +142,12 @@ def encode_corpus(params, cfg, tokens, mask, *, batch_size: int = 64, mesh=None,
         params = _on_mesh(params, mesh)
     B = -(-batch_size // n_batch_dev) * n_batch_dev
 
-    def embed(p, t, m):
-        out = embed_fn(p, cfg, t, m)
-        e = out[0] if isinstance(out, (tuple, list)) else out
-        return e.astype(jnp.float32)
-
     if mesh is not None:
         try:  # activation sharding constraints of the model code, when it has them
             from imprag_jax.model.sharding import use_sharding
         except ImportError:  # pragma: no cover
             use_sharding = None
-        jitted = jax.jit(embed, out_shardings=out_sh)
+        jitted = _jitted_embed(cfg, embed_fn, out_sh)
 
         def run(t, m):
             tt = jax.make_array_from_callback(t.shape, in_sh, lambda i: t[i])
@@ -145,7 +157,7 @@ def encode_corpus(params, cfg, tokens, mask, *, batch_size: int = 64, mesh=None,
             with use_sharding(mesh):
                 return jitted(params, tt, mm)
     else:
-        jitted = jax.jit(embed)
+        jitted = _jitted_embed(cfg, embed_fn, None)
 
         def run(t, m):
             return jitted(params, t, m)
