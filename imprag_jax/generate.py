@@ -2,11 +2,15 @@
 
   python -m imprag_jax.generate --model smollm2 "What is the capital of France?"   # plain LM (chat template)
   echo "prompt" | python -m imprag_jax.generate --model path/to/hf_dir
-  python -m imprag_jax.generate --workdir runs/synthetic "Q: Where was Stavu Stauzouk born ? A:"   # ImpRAG
+  python -m imprag_jax.generate --workdir runs/synthetic "Q: Where was Stavu Stauzouk born? A:"   # ImpRAG
+  python -m imprag_jax.generate --workdir runs/synthetic --template qa "Where was Stavu Stauzouk born?"
+  python -m imprag_jax.generate --workdir runs/synthetic --template fact_verification --k 4 < statements.txt
 
 With --model the prompt goes through the model's chat template when it has one (--raw to skip it). With --workdir
-the trained ImpRAG model of that run retrieves from its knowledge source with its own bottom layers, prints the
-retrieved passages with their scores, and answers reading the top k.
+the trained ImpRAG model of that run retrieves from its knowledge source with its own bottom layers (E_q), prints
+the retrieved passages (rank, score, title, text) and answers reading the top k (two-stage inference; prompts are
+answered in batches). Prompts are used as given; `--template TYPE` wraps each in the training template of that
+task type (qa, fact_verification, slot_filling ("entity [SEP] relation"), entity_linking, ...).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ def run_plain(args):
     texts = [p if args.raw else tok.apply_chat_template(p) for p in prompts]
     ids = [tok.encode(t, add_bos=not tok.chat_template and tok.bos_id is not None) for t in texts]
     t0 = time.time()
-    outs = greedy_generate(params, cfg, ids, max_new_tokens=args.max_new_tokens, stop_ids=tok.stop_ids,
+    outs = greedy_generate(params, cfg, ids, max_new_tokens=args.max_new_tokens or 32, stop_ids=tok.stop_ids,
                            pad_id=tok.pad_id)
     dt = time.time() - t0
     for p, o in zip(prompts, outs):
@@ -43,15 +47,27 @@ def run_plain(args):
 
 
 def run_imprag(args):
-    from .infer.session import ImpRAGSession
+    from .data import templates as T
+    from .infer.session import ImpRAGSession, RunError
 
-    sess = ImpRAGSession.from_workdir(args.workdir, step=args.step)
-    for p in _prompts(args):
-        res = sess.ask([p], k=args.k, max_new_tokens=args.max_new_tokens, show=args.show)[0]
-        print(f"> {p}")
-        for rank, (title, score, text) in enumerate(res["passages"], 1):
-            print(f"  [{rank}] {score:8.3f}  {title}: {text[:100]}")
-        print(f"answer: {res['answer']}\n")
+    prompts = _prompts(args)
+    try:
+        if args.template:
+            prompts = [T.render(args.template, T.fields_from_input(args.template, p)) for p in prompts]
+        sess = ImpRAGSession.from_workdir(args.workdir, step=args.step)
+    except (RunError, T.TemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    t0 = time.time()
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = prompts[i:i + args.batch_size]
+        for p, res in zip(chunk, sess.ask(chunk, k=args.k, max_new_tokens=args.max_new_tokens, show=args.show)):
+            print(f"> {p}")
+            for rank, (title, score, text) in enumerate(res["passages"], 1):
+                print(f"  [{rank}] {score:8.3f}  {title}: {text[:100]}")
+            print(f"answer: {res['answer']}\n", flush=True)
+    print(f"[{len(prompts)} prompt(s), checkpoint step {sess.step}, k={res['k']}, {time.time() - t0:.1f}s including "
+          "indexing and compilation]", file=sys.stderr)
 
 
 def main(argv=None):
@@ -60,7 +76,10 @@ def main(argv=None):
     src.add_argument("--model", help="smollm2 | an HF directory | a .gguf file (plain LM)")
     src.add_argument("--workdir", help="a training run directory (ImpRAG: retrieve, then read)")
     ap.add_argument("prompt", nargs="*", help="prompts (default: one per line on stdin)")
-    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--max_new_tokens", type=int, default=None,
+                    help="new tokens (default: 32 with --model, the run's eval.max_new_tokens with --workdir)")
+    ap.add_argument("--template", default=None, help="--workdir: wrap each prompt in this task type's template")
+    ap.add_argument("--batch_size", type=int, default=16, help="--workdir: prompts answered together")
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--k", type=int, default=None, help="passages to read (default: the run's eval k)")
     ap.add_argument("--show", type=int, default=5, help="retrieved passages to print")

@@ -1,33 +1,37 @@
 """Two-stage ImpRAG inference and per-task evaluation.
 
-Stage 1: the bottom group runs on the prompt -> E_q at layer b -> search over the passage index -> top-k ids.
-Stage 2: the k passages run through bottom and middle once (their K/V goes into the cache), the prompt continues
-through middle and top, and greedy decoding reuses the cached passage K/V for every new token.
-Retrieval happens once per prompt.
+Stage 1: the bottom group runs on the prompt (its K/V goes into the decoding cache) -> E_q at layer b -> search
+over the passage index (the device `search`, or host ScaNN) -> top-k ids.
+Stage 2: the k passages run through bottom and middle once (their middle-group K/V joins the cache), the prompt
+continues from its layer-b states through middle and top, and greedy decoding reuses the cached passage K/V for
+every new token. Retrieval happens once per prompt; nothing of stage 1 is recomputed.
+
+`evaluate_task` (one task, one mode, one k) and `evaluate_modes` (one task, one mode, several k in one pass over
+the data, stage 1 and the search shared by every k) compute EM / F1 (KILT normalisation), accuracy for true/false
+tasks and retrieval recall@1/5/10 (answer as a substring, as in the paper; gold provenance where the data has it).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import ModelConfig, query_embedding
-from ..model.transformer import passage_kv, prompt_offset, run_bottom
+from ..model import ModelConfig
+from ..model.transformer import PassageKV, passage_kv, prompt_offset, run_bottom
 from . import metrics as M
-from .generate import greedy_generate
+from .generate import continue_and_decode, cut_at_stop, encode_prompts, greedy_generate, left_pad, stop_array
+
+MODES = ("imprag", "closed_book", "oracle", "bm25")
+RECALL_KS = (1, 5, 10)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def _query_emb(params, cfg: ModelConfig, tokens, mask):
-    return query_embedding(params, cfg, tokens, mask)
-
-
-@partial(jax.jit, static_argnames=("cfg",))
-def read_passages(params, cfg: ModelConfig, passages, passage_mask):
-    """[B, k, L] passages -> their middle-group K/V (the part of the cache the prompt reads)."""
+def read_passages(params, cfg: ModelConfig, passages, passage_mask) -> PassageKV:
+    """[B, k, L] passages -> their middle-group K/V (the part of the cache the prompt reads): each passage alone
+    through the bottom group, then in its slot through the middle group (`model.transformer.passage_kv`)."""
     B, k, L = passages.shape
     h = run_bottom(params, cfg, passages.reshape(B * k, L), passage_mask.reshape(B * k, L))
     return passage_kv(params, cfg, h.reshape(B, k, L, -1), passage_mask)
@@ -44,47 +48,122 @@ def prompts_from_batch(tokens: np.ndarray, mask: np.ndarray) -> List[List[int]]:
     return [list(map(int, t[m > 0])) for t, m in zip(np.asarray(tokens), np.asarray(mask))]
 
 
+# ------------------------------------------------------------------------------------------------ stages
+class Encoded(NamedTuple):
+    """Stage-1 output for a batch of prompts (left-padded)."""
+    h_b: jax.Array  # [B, L, d] prompt states at the input of layer b
+    e_q: jax.Array  # [B, D] fp32 query embeddings
+    cache: object  # decoding cache holding the bottom group's K/V
+    mask: jax.Array  # [B, L] left-padded prompt mask
+    max_new_tokens: int
+
+
+def encode(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, pad_id: int,
+           max_new_tokens: int) -> Encoded:
+    """Stage 1: prompts (token ids) -> layer-b states, E_q and the bottom group's cache."""
+    toks, mask = left_pad(prompts, pad_id)
+    mask = jnp.asarray(mask)
+    h, e_q, cache = encode_prompts(params, cfg, jnp.asarray(toks), mask, max_new_tokens)
+    return Encoded(h, e_q, cache, mask, max_new_tokens)
+
+
+def read_and_generate(params, cfg: ModelConfig, enc: Encoded, passages=None, passage_mask=None, *, stop_ids,
+                      scores=None, use_score_bias: bool = False) -> List[List[int]]:
+    """Stage 2 for given passages [B, k, l_max] (None or k = 0: closed book) -> generated ids per prompt."""
+    pkv = bias = None
+    offset = 0
+    if passages is not None and passages.shape[1] > 0:
+        passages, passage_mask = jnp.asarray(passages), jnp.asarray(passage_mask)
+        pkv = read_passages(params, cfg, passages, passage_mask)
+        B, k, L = passages.shape
+        offset = prompt_offset(cfg, k, L)
+        if use_score_bias and scores is not None:
+            bias = score_bias(jnp.asarray(scores, jnp.float32), passage_mask.sum(-1) > 0, L)
+    if enc.max_new_tokens < 1:
+        return [[] for _ in range(enc.mask.shape[0])]
+    out, _ = continue_and_decode(params, cfg, enc.h_b, enc.mask, enc.cache, stop_array(stop_ids), pkv, bias,
+                                 jnp.int32(offset), enc.max_new_tokens)
+    return cut_at_stop(out, stop_ids)
+
+
 def generate_with_passages(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], passages, passage_mask, *,
                            max_new_tokens: int, stop_ids, pad_id: int, scores=None, use_score_bias=False):
-    """Stage 2 for given passages [B, k, L] (k may be 0 -> closed book)."""
+    """Both stages for given passages [B, k, L] (k may be 0 or None -> closed book)."""
     if passages is None or passages.shape[1] == 0:
         return greedy_generate(params, cfg, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                                pad_id=pad_id)
-    passages, passage_mask = jnp.asarray(passages), jnp.asarray(passage_mask)
-    pkv = read_passages(params, cfg, passages, passage_mask)
-    B, k, L = passages.shape
-    bias = None
-    if use_score_bias and scores is not None:
-        bias = score_bias(jnp.asarray(scores), passage_mask.sum(-1) > 0, L)
-    return greedy_generate(params, cfg, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                           pkv=pkv, prefix_bias=bias, offset=prompt_offset(cfg, k, L))
+    enc = encode(params, cfg, prompts, pad_id=pad_id, max_new_tokens=max_new_tokens)
+    return read_and_generate(params, cfg, enc, passages, passage_mask, stop_ids=stop_ids, scores=scores,
+                             use_score_bias=use_score_bias)
+
+
+# ------------------------------------------------------------------------------------------------ retriever
+@partial(jax.jit, static_argnames=("k", "backend"))
+def _device_search(index, e_q, k: int, backend: str):
+    """`retrieval.search` compiled once per (index shape, query batch, k, backend): called eagerly it traces and
+    compiles its shard_map on every call (1-2 s each on the CPU)."""
+    from ..retrieval import search
+
+    return search(index, e_q, k, backend)
 
 
 class Retriever:
-    """The corpus as the model reads it (host tokens) plus its embedding index, searched on device."""
+    """The corpus as the model reads it (host tokens) plus its embedding index.
+
+    backend: "exact" | "binned" | "approx" (the device `imprag_jax.retrieval.search`) or "scann" (a host ScaNN
+    searcher built from the same embeddings on first use; needs the optional `scann` package).
+    """
 
     def __init__(self, index, tokens: np.ndarray, mask: np.ndarray, texts: Optional[Sequence[str]] = None,
                  backend: str = "exact"):
+        from ..retrieval.search import BACKENDS
+
+        if backend not in BACKENDS + ("scann",):
+            raise ValueError(f"unknown retrieval backend {backend!r}; choose one of {BACKENDS + ('scann',)}")
         self.index, self.tokens, self.mask, self.texts, self.backend = index, np.asarray(tokens), np.asarray(mask), \
             texts, backend
+        if len(self.tokens) != index.n:
+            raise ValueError(f"the index has {index.n} rows but the corpus {len(self.tokens)} passages")
+        self._scann = None
 
     @classmethod
     def build(cls, params, cfg: ModelConfig, tokens, mask, texts=None, *, step: int = 0, batch_size: int = 256,
               mesh=None, backend: str = "exact", progress: bool = False):
+        """Encode the corpus with the model's bottom group (E_p of every passage) and index it."""
         from ..retrieval import encode_corpus
 
         index = encode_corpus(params, cfg, tokens, mask, batch_size=batch_size, mesh=mesh, step=step,
                               keep_tokens=False, progress=progress)
         return cls(index, tokens, mask, texts, backend)
 
-    def search(self, e_q, k: int):
-        from ..retrieval import search
+    @classmethod
+    def from_embeddings(cls, embeddings, tokens, mask, texts=None, *, backend: str = "exact", step: int = 0):
+        from ..retrieval.index import PassageIndex
 
+        return cls(PassageIndex.create(np.asarray(embeddings), step=step), tokens, mask, texts, backend)
+
+    @property
+    def n(self) -> int:
+        return self.index.n
+
+    @property
+    def l_max(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def search(self, e_q, k: int):
+        """(scores [Q, min(k, N)] f32, ids [Q, min(k, N)] int32), best first."""
         k = min(k, self.index.n)
-        scores, ids = search(self.index, jnp.asarray(e_q), k, self.backend)
+        if self.backend == "scann":
+            if self._scann is None:
+                from ..retrieval.scann_backend import ScannIndex
+
+                self._scann = ScannIndex.build(self.index, k=max(k, 10))
+            return self._scann.search(np.asarray(e_q, np.float32), k)
+        scores, ids = _device_search(self.index, jnp.asarray(e_q), k, self.backend)
         return np.asarray(scores), np.asarray(ids)
 
     def gather(self, ids: np.ndarray):
+        """Token ids / mask [B, k, l_max] of the passages `ids` [B, k] (-1: an empty, fully masked slot)."""
         ids = np.asarray(ids)
         safe = np.maximum(ids, 0)
         t, m = self.tokens[safe], self.mask[safe] * (ids >= 0)[..., None]
@@ -93,78 +172,157 @@ class Retriever:
 
 def answer(params, cfg: ModelConfig, retriever: Retriever, tokens, mask, *, k: int, max_new_tokens: int,
            stop_ids, pad_id: int, search_k: int = 10, use_score_bias: bool = False):
-    """Two-stage inference for a batch of right- or left-padded prompts. Returns (outputs, ids [B, search_k],
-    scores [B, search_k])."""
-    e_q = _query_emb(params, cfg, jnp.asarray(tokens), jnp.asarray(mask))
-    scores, ids = retriever.search(e_q, max(k, search_k))
-    prompts = prompts_from_batch(tokens, mask)
-    if k == 0:
-        outs = generate_with_passages(params, cfg, prompts, None, None, max_new_tokens=max_new_tokens,
-                                      stop_ids=stop_ids, pad_id=pad_id)
-    else:
-        pt, pm = retriever.gather(ids[:, :k])
-        outs = generate_with_passages(params, cfg, prompts, pt, pm, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                      pad_id=pad_id, scores=scores[:, :k], use_score_bias=use_score_bias)
+    """Two-stage inference for a batch of right- or left-padded prompts [B, L].
+
+    Returns (outputs: generated ids per prompt, ids [B, max(k, search_k)], scores [B, max(k, search_k)]).
+    """
+    enc = encode(params, cfg, prompts_from_batch(tokens, mask), pad_id=pad_id, max_new_tokens=max_new_tokens)
+    scores, ids = retriever.search(enc.e_q, max(k, search_k, 1))
+    outs = _read_top(params, cfg, enc, retriever, ids, scores, k, stop_ids, use_score_bias)
     return outs, ids, scores
 
 
-TRUE_FALSE_TASKS = ("fact_verification", "scifact")
+def _read_top(params, cfg, enc, retriever, ids, scores, k, stop_ids, use_score_bias):
+    k = min(k, ids.shape[1])
+    if k == 0:
+        return read_and_generate(params, cfg, enc, stop_ids=stop_ids)
+    pt, pm = retriever.gather(ids[:, :k])
+    return read_and_generate(params, cfg, enc, pt, pm, stop_ids=stop_ids, scores=scores[:, :k],
+                             use_score_bias=use_score_bias)
 
 
-def evaluate_task(params, cfg: ModelConfig, data_dir: str, task: str, tokenizer, retriever: Optional[Retriever], *,
-                  split: str = "dev", mode: str = "imprag", k: int = 1, L_q: int = 64, l_max: int = 32,
-                  max_new_tokens: int = 8, batch_size: int = 64, limit: Optional[int] = None,
-                  use_score_bias: bool = False, keep_predictions: int = 0) -> Dict:
-    """EM / F1 (/ accuracy for true-false tasks) and recall@1/5/10 for one task split.
+# ------------------------------------------------------------------------------------------------ evaluation
+_TEXTS: Dict[str, List[str]] = {}
 
-    mode: "imprag" (retrieve with the model's own embeddings, read the top k), "closed_book" (no passages),
-    "oracle" (the gold passages), "bm25" (the stored BM25 top k).
+
+def passage_texts(data_dir: str) -> List[str]:
+    """Every passage of `data_dir/passages.jsonl` as "title: text" (what answer recall searches), cached."""
+    import json
+    import os
+
+    if data_dir not in _TEXTS:
+        with open(os.path.join(data_dir, "passages.jsonl")) as f:
+            objs = [json.loads(line) for line in f if line.strip()]
+        _TEXTS[data_dir] = [f"{o.get('title', '')}: {o['text']}" for o in objs]
+    return _TEXTS[data_dir]
+
+
+TRUE_FALSE_TASKS = ("fact_verification", "scifact", "fever", "fev")
+
+
+def is_true_false(task: str, answers: Sequence[str]) -> bool:
+    return task in TRUE_FALSE_TASKS or (bool(answers) and
+                                        set(M.normalize_answer(a) for a in answers) <= {"true", "false"})
+
+
+def _ks_for(mode: str, ks: Sequence[int]) -> List[int]:
+    if mode == "closed_book":
+        return [0]
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or min(ks) < 1:
+        raise ValueError(f"mode {mode!r} reads k >= 1 passages, got k={list(ks)}")
+    return ks
+
+
+def evaluate_modes(params, cfg: ModelConfig, data_dir: str, task: str, tokenizer, retriever: Optional[Retriever], *,
+                   mode: str = "imprag", ks: Sequence[int] = (1,), split: str = "dev", L_q: int = 64,
+                   l_max: int = 32, max_new_tokens: int = 8, batch_size: int = 64, limit: Optional[int] = None,
+                   use_score_bias: bool = False, add_bos: bool = True, keep_predictions: int = 0,
+                   progress: Optional[Callable[[int], None]] = None, predictions: Optional[list] = None) -> List[Dict]:
+    """Evaluate one task split in one mode for every k in `ks` (one row per k) in a single pass over the data.
+
+    mode: "imprag" (retrieve with the model's own E_q, read the top k), "closed_book" (no passages; ks ignored),
+    "oracle" (the first k gold passages), "bm25" (the stored BM25 top k, e.g. the RA-IT baseline's reading).
+    Recall@1/5/10 is that of the model's retrieval (imprag) or of the stored BM25 ranking (bm25).
+    `progress(n)` is called after each batch with its number of examples; `predictions`, when a list, receives
+    one dict per example and k.
     """
     from ..data.pipeline import eval_batches
 
-    passages = {"imprag": "none", "closed_book": "none", "oracle": "gold", "bm25": "pseudo"}[mode]
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    if mode == "imprag" and retriever is None:
+        raise ValueError("mode 'imprag' needs a Retriever")
+    ks = _ks_for(mode, ks)
+    kmax = max(ks)
+    source = {"imprag": "none", "closed_book": "none", "oracle": "gold", "bm25": "pseudo"}[mode]
+    k_fetch = max(kmax, max(RECALL_KS)) if mode == "bm25" else max(kmax, 1)
     stop = tokenizer.stop_ids
-    rows: List[Dict] = []
-    for batch in eval_batches(data_dir, task, split, tokenizer, batch_size=batch_size, L_q=L_q, passages=passages,
-                              k=max(k, 1), l_max=l_max, limit=limit):
-        valid = batch["valid"] > 0
+    texts = None
+    if mode in ("imprag", "bm25"):
+        texts = retriever.texts if retriever is not None and retriever.texts is not None else passage_texts(data_dir)
+    rows: Dict[int, List[Dict]] = {k: [] for k in ks}
+    for batch in eval_batches(data_dir, task, split, tokenizer, batch_size=batch_size, L_q=L_q, passages=source,
+                              k=k_fetch, l_max=l_max, add_bos=add_bos, limit=limit):
+        valid = np.nonzero(batch["valid"] > 0)[0]
+        if len(valid) == 0:
+            continue
+        enc = encode(params, cfg, prompts_from_batch(batch["tokens"], batch["mask"]), pad_id=tokenizer.pad_id,
+                     max_new_tokens=max_new_tokens)
         ids = scores = None
         if mode == "imprag":
-            outs, ids, scores = answer(params, cfg, retriever, batch["tokens"], batch["mask"], k=k,
-                                       max_new_tokens=max_new_tokens, stop_ids=stop, pad_id=tokenizer.pad_id,
-                                       use_score_bias=use_score_bias)
-        elif mode == "closed_book":
-            outs = generate_with_passages(params, cfg, prompts_from_batch(batch["tokens"], batch["mask"]), None,
-                                          None, max_new_tokens=max_new_tokens, stop_ids=stop, pad_id=tokenizer.pad_id)
-        else:
-            outs = generate_with_passages(params, cfg, prompts_from_batch(batch["tokens"], batch["mask"]),
-                                          batch["passages"][:, :k], batch["passage_mask"][:, :k],
-                                          max_new_tokens=max_new_tokens, stop_ids=stop, pad_id=tokenizer.pad_id)
+            scores, ids = retriever.search(enc.e_q, max(kmax, max(RECALL_KS)))
+        elif mode == "bm25":
             ids = batch["passage_ids"]
-        for i in np.nonzero(valid)[0]:
-            pred = tokenizer.decode(outs[i]).strip()
+        outs = {}
+        for k in ks:
+            if mode == "imprag":
+                outs[k] = _read_top(params, cfg, enc, retriever, ids, scores, k, stop, use_score_bias)
+            elif mode == "closed_book":
+                outs[k] = read_and_generate(params, cfg, enc, stop_ids=stop)
+            else:
+                outs[k] = read_and_generate(params, cfg, enc, batch["passages"][:, :k], batch["passage_mask"][:, :k],
+                                            stop_ids=stop)
+        for i in valid:
             ans = batch["answers"][i]
-            row = {"id": batch["ids"][i], "prediction": pred, "answers": ans, "em": M.exact_match(pred, ans),
-                   "f1": M.f1_score(pred, ans)}
-            if task in TRUE_FALSE_TASKS or set(M.normalize_answer(a) for a in ans) <= {"true", "false"}:
-                row["accuracy"] = M.accuracy_true_false(pred, ans)
-                row["true_false"] = True
-            if ids is not None and mode == "imprag":
-                r = [int(x) for x in ids[i]]
-                gold = batch["gold_ids"][i]
-                for kk in (1, 5, 10):
-                    if (gold >= 0).any():
-                        row[f"gold_recall@{kk}"] = M.gold_in_topk(r, gold, kk)
-                    if retriever is not None and retriever.texts is not None and not row.get("true_false"):
-                        row[f"answer_recall@{kk}"] = M.answer_in_passages([retriever.texts[j] for j in r[:kk]], ans,
-                                                                          kk)
-                row["retrieved"] = r[:10]
-            rows.append(row)
+            tf = is_true_false(task, ans)
+            base = {}
+            if ids is not None:
+                r = [int(x) for x in ids[i] if int(x) >= 0]
+                gold = [int(g) for g in batch["gold_ids"][i] if int(g) >= 0]
+                for kk in RECALL_KS:
+                    if gold:
+                        base[f"gold_recall@{kk}"] = M.gold_in_topk(r, gold, kk)
+                    if not tf:
+                        base[f"answer_recall@{kk}"] = M.answer_in_passages([texts[j] for j in r[:kk]], ans, kk)
+                base["retrieved"] = r[:max(RECALL_KS)]
+            for k in ks:
+                pred = tokenizer.decode(outs[k][i]).strip()
+                row = {"id": batch["ids"][i], "prediction": pred, "answers": ans, "em": M.exact_match(pred, ans),
+                       "f1": M.f1_score(pred, ans), **base}
+                if tf:
+                    row["accuracy"] = M.accuracy_true_false(pred, ans)
+                rows[k].append(row)
+                if predictions is not None:
+                    predictions.append({"task": task, "mode": mode, "k": k, **row})
+        if progress is not None:
+            progress(len(valid))
+    return [_summary(rows[k], task, split, mode, k, keep_predictions) for k in ks]
+
+
+def _summary(rows: List[Dict], task: str, split: str, mode: str, k: int, keep_predictions: int) -> Dict:
     out: Dict = {"task": task, "split": split, "mode": mode, "k": k, "n": len(rows)}
-    keys = sorted({key for r in rows for key in r if key in ("em", "f1", "accuracy") or "recall@" in key})
+    keys = [key for key in ("em", "f1", "accuracy") if any(key in r for r in rows)]
+    keys += sorted({key for r in rows for key in r if "recall@" in key},
+                   key=lambda s: (s.split("@")[0], int(s.split("@")[1])))
     for key in keys:
         vals = [r[key] for r in rows if key in r]
         out[key] = float(np.mean(vals)) if vals else None
     if keep_predictions:
         out["examples"] = [{k2: r[k2] for k2 in ("id", "prediction", "answers", "em")} for r in rows[:keep_predictions]]
     return out
+
+
+def evaluate_task(params, cfg: ModelConfig, data_dir: str, task: str, tokenizer, retriever: Optional[Retriever], *,
+                  split: str = "dev", mode: str = "imprag", k: int = 1, L_q: int = 64, l_max: int = 32,
+                  max_new_tokens: int = 8, batch_size: int = 64, limit: Optional[int] = None,
+                  use_score_bias: bool = False, keep_predictions: int = 0, add_bos: bool = True) -> Dict:
+    """EM / F1 (/ accuracy for true-false tasks) and recall@1/5/10 for one task split, one mode, one k.
+
+    mode: "imprag" (retrieve with the model's own embeddings, read the top k), "closed_book" (no passages),
+    "oracle" (the gold passages), "bm25" (the stored BM25 top k).
+    """
+    ks = [0] if mode == "closed_book" else [max(int(k), 1)]
+    return evaluate_modes(params, cfg, data_dir, task, tokenizer, retriever, mode=mode, ks=ks, split=split, L_q=L_q,
+                          l_max=l_max, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+                          use_score_bias=use_score_bias, add_bos=add_bos, keep_predictions=keep_predictions)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import List, Optional
 
 import jax
@@ -14,30 +15,70 @@ import numpy as np
 from ..model import ModelConfig
 
 
+class RunError(Exception):
+    """A run directory, checkpoint, data folder or task that cannot be used; the message says which and why."""
+
+
 def load_run_config(workdir: str) -> mlc.ConfigDict:
+    if not os.path.isdir(workdir):
+        raise RunError(f"workdir {workdir!r} does not exist")
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir} is not a training run directory (no config.json)")
+        raise RunError(f"{workdir!r} is not a training run directory (no config.json); pass --config")
     with open(path) as f:
         return mlc.ConfigDict(json.load(f))
 
 
+def checkpoint_steps(workdir: str) -> List[int]:
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit())
+
+
 def restore_params(workdir: str, step: Optional[int] = None):
-    """(params, step) from <workdir>/checkpoints (host arrays, single device)."""
+    """(params, step, ModelConfig) from <workdir>/checkpoints (host arrays, single device)."""
     import orbax.checkpoint as ocp
 
+    if not os.path.isdir(workdir):
+        raise RunError(f"workdir {workdir!r} does not exist")
     d = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"no checkpoints in {workdir}")
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise RunError(f"no checkpoints in {d}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise RunError(f"checkpoint step {step} not found in {d} (have {steps})")
     mngr = ocp.CheckpointManager(d, item_names=("state", "data", "meta"))
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-        raise FileNotFoundError(f"checkpoint step {step} not found in {d} (have {mngr.all_steps()})")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
-    mngr.close()
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with warnings.catch_warnings():  # restored onto the default device: no sharding given, on purpose
+            warnings.filterwarnings("ignore", message="Sharding info not provided")
+            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+    finally:
+        mngr.close()
     params = jax.tree.map(np.asarray, restored["params"])
     return params, step, ModelConfig.from_dict(meta["model"])
+
+
+def run_data_dir(c, workdir: str) -> str:
+    """The run's prepared data folder (never generated here)."""
+    d = c.data.dir or os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(d, "passages.jsonl")):
+        raise RunError(f"the run's data folder {d!r} has no passages.jsonl (set --config.data.dir)")
+    return d
+
+
+def run_tokenizer(c, data_dir: str):
+    from ..data.pipeline import load_tokenizer
+
+    if c.model.init != "random":
+        from ..convert.fetch import resolve_model
+
+        tok = resolve_model(c.model.init)[2]
+        if tok is not None:
+            return tok
+    return load_tokenizer(data_dir)
 
 
 class ImpRAGSession:
@@ -46,44 +87,55 @@ class ImpRAGSession:
         self._retriever = None
 
     @classmethod
-    def from_workdir(cls, workdir: str, step: Optional[int] = None) -> "ImpRAGSession":
-        from ..data.pipeline import load_tokenizer
-
-        c = load_run_config(workdir)
+    def from_workdir(cls, workdir: str, step: Optional[int] = None, config=None) -> "ImpRAGSession":
+        c = config if config is not None else load_run_config(workdir)
         params, step, cfg = restore_params(workdir, step)
-        data_dir = c.data.dir or os.path.join(workdir, "data")
-        tok = None
-        if c.model.init != "random":
-            from ..convert.fetch import resolve_model
-
-            tok = resolve_model(c.model.init)[2]
-        tok = tok or load_tokenizer(data_dir)
+        data_dir = run_data_dir(c, workdir)
+        tok = run_tokenizer(c, data_dir)
         return cls(c, jax.tree.map(jax.numpy.asarray, params), cfg, tok, data_dir, step)
+
+    def passage_texts(self) -> List[str]:
+        from .imprag import passage_texts
+
+        return passage_texts(self.data_dir)
+
+    def build_retriever(self, backend: Optional[str] = None, progress: bool = False):
+        from ..data.pipeline import corpus_tokens
+        from .imprag import Retriever
+
+        toks, mask = corpus_tokens(self.data_dir, self.tok, self.c.data.l_max)
+        self._retriever = Retriever.build(self.params, self.cfg, toks, mask, self.passage_texts(), step=self.step,
+                                          backend=backend or self.c.eval.backend, progress=progress)
+        return self._retriever
 
     @property
     def retriever(self):
         if self._retriever is None:
-            from ..data.pipeline import corpus_tokens
-            from ..train.trainer import _passage_texts
-            from .imprag import Retriever
-
-            toks, mask = corpus_tokens(self.data_dir, self.tok, self.c.data.l_max)
-            self._retriever = Retriever.build(self.params, self.cfg, toks, mask, _passage_texts(self.data_dir),
-                                              step=self.step, backend=self.c.eval.backend)
+            self.build_retriever()
         return self._retriever
 
-    def ask(self, prompts: List[str], k: Optional[int] = None, max_new_tokens: int = 8, show: int = 5):
+    def encode_prompts(self, prompts: List[str]):
+        """Right-padded [B, L_q] tokens / mask, each prompt cut from the left as in training."""
         from ..data.chunking import encode_prompt
-        from .imprag import answer
 
-        k = int(str(self.c.eval.k).split(",")[0]) if k is None else k
         L = self.c.data.L_q
         toks = np.full((len(prompts), L), self.tok.pad_id, np.int32)
         mask = np.zeros((len(prompts), L), np.int32)
+        bos = self.tok.bos_id if self.c.data.add_bos else None
         for i, p in enumerate(prompts):
-            ids = encode_prompt(self.tok, p, L, bos_id=self.tok.bos_id if self.c.data.add_bos else None)
+            ids = encode_prompt(self.tok, p, L, bos_id=bos)
             toks[i, :len(ids)] = ids
             mask[i, :len(ids)] = 1
+        return toks, mask
+
+    def ask(self, prompts: List[str], k: Optional[int] = None, max_new_tokens: Optional[int] = None, show: int = 5):
+        """Retrieve with the model's own E_q, read the top k, answer. One dict per prompt: answer, passages
+        [(title, score, text)] (the top `show`), ids."""
+        from .imprag import answer
+
+        k = int(str(self.c.eval.k).split(",")[0]) if k is None else k
+        max_new_tokens = max_new_tokens or int(self.c.eval.max_new_tokens)
+        toks, mask = self.encode_prompts(prompts)
         outs, ids, scores = answer(self.params, self.cfg, self.retriever, toks, mask, k=k,
                                    max_new_tokens=max_new_tokens, stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id,
                                    search_k=max(show, k), use_score_bias=self.c.eval.score_bias)
@@ -92,7 +144,10 @@ class ImpRAGSession:
         for i in range(len(prompts)):
             ps = []
             for j, s in zip(ids[i][:show], scores[i][:show]):
+                if int(j) < 0:
+                    continue
                 title, _, body = texts[int(j)].partition(": ")
                 ps.append((title, float(s), body))
-            res.append({"answer": self.tok.decode(outs[i]).strip(), "passages": ps, "ids": [int(x) for x in ids[i]]})
+            res.append({"answer": self.tok.decode(outs[i]).strip(), "passages": ps,
+                        "ids": [int(x) for x in ids[i]], "k": k})
         return res

@@ -276,6 +276,7 @@ def train(c, workdir: str) -> Dict:
     stopped_early = False
     compiles_before = None
     cur_index = None
+    next_batch = None
     _count_compiles()
     float(sched(start))  # warm the eager schedule ops so logging never compiles inside the loop
     try:
