@@ -107,23 +107,6 @@ def test_stop_tokens_cut_one_row_without_disturbing_the_others():
 
 
 # ------------------------------------------------------------------------------------------------ two stages
-@pytest.mark.parametrize("kw", [dict(), dict(b=0, t=3, passage_attention="independent"), dict(b=2, t=2)])
-def test_read_passages_equals_the_models_passage_kv(kw):
-    from imprag_jax.model.transformer import passage_kv, run_bottom
-
-    cfg, p = _setup(seed=1, **kw)
-    rng = np.random.RandomState(0)
-    pt, pm = _passages(rng, 2, 3, 6, cfg.vocab_size, min_len=1)
-    pm[1, 2] = 0
-    pt, pm = jnp.asarray(pt * pm), jnp.asarray(pm)
-    h = run_bottom(p, cfg, pt.reshape(6, 6), pm.reshape(6, 6)).reshape(2, 3, 6, -1)
-    want, got = passage_kv(p, cfg, h, pm), read_passages(p, cfg, pt, pm)
-    assert got.k.shape == want.k.shape == (cfg.t + 1 - cfg.b, 2, 18, cfg.num_kv_heads, cfg.head_dim)
-    np.testing.assert_allclose(got.k, want.k, atol=1e-5)
-    np.testing.assert_allclose(got.v, want.v, atol=1e-5)
-    np.testing.assert_array_equal(got.mask, want.mask)
-
-
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_two_stage_answer_equals_train_time_read_on_the_retrieved_passages(use_bias):
     cfg, p = _setup(seed=7)

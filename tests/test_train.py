@@ -30,7 +30,8 @@ def tiny_config(world_dir, **train):
 
     c = synthetic.get_config()
     c.data.dir = world_dir
-    c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0))
+    c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
+                        init_std=0.125))
     c.data.update(dict(batch_size=8, free_batch_size=2, L_q=64, prefetch=0))
     c.train.update(dict(steps=16, warmup_steps=2, log_every=1, ckpt_every=0, time_budget_s=0.0, lr=3e-3))
     c.train.update(train)
@@ -72,7 +73,8 @@ def test_warmup_raises_recall(world_dir, tmp_path):
     from imprag_jax.train import config_lib
     from imprag_jax.train.trainer import train
 
-    c = tiny_config(world_dir, stages="warmup", steps=150, log_every=50, lr=3e-3, warmup_steps=20)
+    c = tiny_config(world_dir, stages="warmup", steps=300, log_every=50, lr=3e-3, warmup_steps=20)
+    c.data.update(dict(batch_size=16, free_batch_size=0))
     res = train(c, str(tmp_path / "w"))
     tok = load_tokenizer(world_dir)
     cfg = config_lib.model_config(c, tok.vocab_size)
@@ -111,7 +113,8 @@ def test_self_distillation_moves_p_r_toward_p_t(world_dir):
     from imprag_jax.train.state import compile_step, create_state
     from imprag_jax.train.step import BATCH_KEYS, make_optimizer
 
-    c = tiny_config(world_dir)
+    c = tiny_config(world_dir, score_bias=False)  # the plain ImpRAG reader: P_R only enters through the KL
+    c.model.passage_attention = "joint"
     tok, b = _fixed_batch(world_dir, c)
     cfg = config_lib.model_config(c, tok.vocab_size)
     tx, _ = make_optimizer(3e-3, 100, 1)

@@ -49,14 +49,14 @@ def model_config(c, vocab_size: Optional[int] = None, base: Optional[ModelConfig
         m["rope_scaling"] = m["rope_scaling"].to_dict()
     if m.get("prompt_offset", -1) in (-1, None):
         m["prompt_offset"] = None
-    if not m.get("vocab_size"):
-        if vocab_size is None:
-            _fail("model.vocab_size is 0 (= the tokenizer's) but no tokenizer is known")
-        m["vocab_size"] = vocab_size
     if base is not None:  # pretrained: architecture from the checkpoint, ImpRAG/numerics from the config
         keep = ("b", "t", "retrieval_rope", "passage_attention", "prompt_offset", "dtype", "param_dtype", "remat",
                 "attention_impl")
         return base.replace(**{k: m[k] for k in keep})
+    if not m.get("vocab_size"):
+        if vocab_size is None:
+            _fail("model.vocab_size is 0 (= the tokenizer's) but no tokenizer is known")
+        m["vocab_size"] = vocab_size
     try:
         return ModelConfig(**m)
     except TypeError as e:
