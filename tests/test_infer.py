@@ -308,3 +308,20 @@ def test_short_training_beats_closed_book(tmp_path):
     rows = {r["mode"]: r for r in res["eval"]}
     assert rows["imprag"]["gold_recall@5"] > 0.6, rows
     assert rows["imprag"]["em"] > rows["closed_book"]["em"] + 0.05, rows
+
+
+@pytest.mark.xfail(reason="train/step.py loss_fn fails for k = 0 (`reshape(B, 0, -1)`, argmax over 0 candidates): "
+                          "closed-book training is broken; a fix is proposed to the lead", strict=False)
+def test_closed_book_smoke_trains_and_evaluates(smoke_run, tmp_path):
+    import synthetic
+
+    from imprag_jax.train.trainer import train
+
+    c = synthetic.get_config("closed_book,smoke")
+    c.data.dir = os.path.join(os.path.dirname(smoke_run), "world")
+    c.data.prefetch = 0
+    c.train.update(dict(steps=3, ckpt_every=0))
+    c.eval.update(dict(limit=8, tasks="qa"))
+    res = train(c, str(tmp_path / "cb"))
+    (row,) = res["eval"]
+    assert (res["step"], row["mode"], row["k"], row["n"]) == (3, "closed_book", 0, 8)
