@@ -139,6 +139,14 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
         batch, mined = mine_from_index(e_q, batch, index, sc)
     pmask = batch["passage_mask"] * (~rf)[:, None, None].astype(batch["passage_mask"].dtype)
     B, k, L = batch["passages"].shape
+    if k == 0:  # closed book: the plain decoder, generation loss only
+        h = prompt_through(params, cfg, h_q, mask, None, 0)
+        lp, rvalid = _response_logprobs(params, cfg, h, tokens, batch["loss_mask"], sc.r_len)
+        gen_sum, n_tok = losses.generation_nll(lp, rvalid)
+        gen = gen_sum / jnp.maximum(n_tok, 1.0)
+        z = jnp.zeros((), jnp.float32)
+        return gen, {"gen_nll": gen, "n_tokens": n_tok, "n_ret_examples": z, "cand_top1_is_pos": z, "ret_loss": z,
+                     "loss": gen}
     valid = (pmask.sum(-1) > 0) & (batch["passage_ids"] >= 0)  # [B, k]
     example_mask = (~rf) & valid.any(-1)
 
