@@ -21,7 +21,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.rope_scaling = None  # or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", ...}
     c.data = mlc.ConfigDict(dict(
         kind="synthetic",  # "synthetic" / "minikilt": built into <workdir>/data on first use | "prepared": data.dir
-        dir="", source="../shared/data", people=1000, world_seed=0,
+        dir="", source="../shared/data", people=1000, world_seed=0, qa_templates=2,
         batch_size=32, free_batch_size=8, L_q=64, L_r=4, l_max=24, k=4,
         tasks="qa:1", free_tasks="format:1", positives="gold", n_pos=1, negatives="generator", n_neg=3,
         neg_ranks=(10, 50), random_neg_fraction=0.25, cf=1.0, cf_negatives=True, add_bos=True, prefetch=2))

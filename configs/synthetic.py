@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
     # (oracle EM 0.75 vs 0.40 at 1,200 steps); the score-bias extension lets it read k > 1; self-distillation from
     # a reader that cannot read yet erases the retriever, so the NCE stays on (stages="warmup")
     c.model.passage_attention = "independent"
-    c.train.update(dict(stages="warmup", score_bias=True, steps=1400, teacher_len=24))
+    c.train.update(dict(stages="warmup", score_bias=True, steps=1800, teacher_len=24))
     c.eval.update(dict(score_bias=True, k="1,5", modes="imprag,oracle", tasks="qa,slot_filling,fact_verification,entity_linking,two_hop_qa"))
     c.train.time_budget_s = 480.0
     for a in sorted([x for x in arg.split(",") if x], key=lambda x: x != "smoke"):  # smoke first, baselines win

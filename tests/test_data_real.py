@@ -416,7 +416,7 @@ def _load_tasks(out):
 def test_minikilt_converters(minikilt):
     out, stats = minikilt
     ps = formats.load_passages(os.path.join(out, "passages.jsonl"))
-    tasks = _load_tasks(out)
+    tasks = {n: x for n, x in _load_tasks(out).items() if n.split(".")[0] in stats["retrieval_tasks"]}
     assert sorted(tasks) == ["hotpotqa.dev", "nq.dev", "nq.train", "scifact.dev", "squad.dev", "squad.train",
                              "trex.dev"]
     assert len(ps) == stats["passages"]["total"] and all(len(p.text.split()) <= 100 for p in ps.values())
@@ -444,12 +444,64 @@ def test_minikilt_converters(minikilt):
     assert nq0.input == "who got the first nobel prize in physics" and nq0.answers == ["Wilhelm Conrad Röntgen"]
 
 
+FREE = ("squad_rc", "phrase_denoising", "sentence_generation", "lm")
+
+
+@needs_data
+def test_retrieval_free_training_tasks(minikilt):
+    """squad_rc / phrase denoising / sentence generation / plain text: built from the pool, no retrieval."""
+    out, stats = minikilt
+    ps = formats.load_passages(os.path.join(out, "passages.jsonl"))
+    tasks = _load_tasks(out)
+    assert stats["free_tasks"] == ["squad_rc", "phrase_denoising", "sentence_generation"]
+    assert stats["lm_tasks"] == ["lm"]
+    squad_q = {e.input for e in tasks["squad.train"]}
+    for e in tasks["squad_rc.train"]:
+        assert e.meta["kind"] == "free" and e.meta["fields"]["question"] in squad_q
+        assert e.meta["fields"]["context"] == ps[e.meta["passage"]].text
+        assert pseudo_labels.answer_in_text(e.answers, e.meta["fields"]["context"])
+        assert e.input.endswith(" A:") and e.input.startswith(e.meta["fields"]["context"])
+    for e in tasks["phrase_denoising.train"]:
+        ctx = e.meta["fields"]["context"]
+        noisy = ctx.split("[START] ")[1].split(" [END]")[0].split()
+        orig = e.answers[0].split()
+        assert sorted(noisy) == sorted(orig) and noisy != orig and 2 <= len(orig) <= 4
+        assert ctx.replace("[START] " + " ".join(noisy) + " [END]", e.answers[0]) == ps[e.meta["passage"]].text
+        assert "Recover the original phrases" in e.input
+    for e in tasks["sentence_generation.train"]:
+        f = e.meta["fields"]
+        text = ps[e.meta["passage"]].text
+        assert f["direction"] in ("next", "previous") and f["context"] in text and e.answers[0] in text
+        first, second = (f["context"], e.answers[0]) if f["direction"] == "next" else (e.answers[0], f["context"])
+        assert text.index(first) < text.index(second)
+    n3 = sum(len(tasks[f"{t}.train"]) for t in stats["free_tasks"])
+    assert abs(len(tasks["lm.train"]) - 0.1 * n3) <= 1
+    assert all(e.meta["kind"] == "lm" and e.answers[0] == ps[e.meta["passage"]].text for e in tasks["lm.train"])
+    # the pipeline reads them as retrieval-free rows (the stats lists are its defaults)
+    from imprag_jax.convert.fetch import smollm2_path
+    from imprag_jax.data.pipeline import BatchConfig, TrainBatches
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not cached (python -m imprag_jax.convert.fetch smollm2): pipeline part skipped")
+    from imprag_jax.convert.gguf import load_gguf_tokenizer
+
+    it = TrainBatches(out, load_gguf_tokenizer(path), BatchConfig(batch_size=4, free_batch_size=4, tasks={"nq": 1.0}, L_q=256,
+                                                         L_r=16, l_max=64, k=2, positives="pseudo",
+                                                         negatives="bm25", n_neg=1, cf=0.0), prefetch=0)
+    b = it.batch(0)
+    assert it.free_tasks == {t: 1.0 for t in FREE}
+    assert b["retrieval_free"].sum() == 4 and (b["passage_mask"][b["retrieval_free"] == 1] == 0).all()
+    assert (b["loss_mask"].sum(1) > 0).all()
+
+
 @needs_data
 def test_no_eval_question_in_train(minikilt):
     out, _ = minikilt
     tasks = _load_tasks(out)
     norm = pseudo_labels.normalize_text
-    train = {norm(e.input) for n, xs in tasks.items() if n.endswith(".train") for e in xs}
+    train = {norm(e.input) for n, xs in tasks.items() if n.endswith(".train") and n.split(".")[0] not in FREE
+             for e in xs}
     evals = {norm(e.input) for n, xs in tasks.items() if not n.endswith(".train") for e in xs}
     assert train and evals and not train & evals
     for t in ("nq", "squad"):
@@ -463,6 +515,9 @@ def test_pseudo_label_files_real(minikilt):
     out, _ = minikilt
     ps = formats.load_passages(os.path.join(out, "passages.jsonl"))
     for name, exs in _load_tasks(out).items():
+        if name.split(".")[0] in FREE:
+            assert not os.path.exists(os.path.join(out, "pseudo_labels", f"{name}.jsonl"))
+            continue
         pls = list(pseudo_labels.iter_pseudo_labels(os.path.join(out, "pseudo_labels", f"{name}.jsonl")))
         assert [p.id for p in pls] == [e.id for e in exs]  # same order as the task file
         for p in pls:

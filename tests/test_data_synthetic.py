@@ -253,3 +253,20 @@ def test_same_seed_same_files(tmp_path, small_dir):
         assert filecmp.cmp(os.path.join(small_dir, r), os.path.join(d, r), shallow=False), r
     other = S.World.generate(S.WorldConfig(**{**SMALL.__dict__, "seed": SMALL.seed + 1}))
     assert [p.text for p in other.passages] != [p.text for p in S.World.load(small_dir).passages]
+
+
+def test_long_question_phrasing_names_the_person_far_from_the_end():
+    cfg = S.WorldConfig(**{**SMALL.__dict__, "qa_templates": 3})
+    w = S.World.generate(cfg)
+    qa = w.examples["qa"]["train"]
+    assert qa, "no QA examples"
+    by_tpl = {}
+    for e in qa:
+        by_tpl.setdefault(e.meta["tpl"], e)
+    assert sorted(by_tpl) == [0, 1, 2]
+    long_q = by_tpl[2].input
+    name = long_q.split(" is named in")[0]
+    assert long_q.startswith(name) and len(long_q.split()) - len(name.split()) >= 15, long_q
+    assert all(len(by_tpl[t].input.split()) < len(long_q.split()) for t in (0, 1))
+    with pytest.raises(ValueError, match="qa_templates must be 1, 2 or 3"):
+        S.WorldConfig(qa_templates=4)

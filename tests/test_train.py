@@ -197,12 +197,25 @@ def _cli(args, timeout=600):
     ("--config.train.stages=sometimes", "train.stages must be one of"),
     ("--config.model.b=3", "0 <= b <= t"),
     ("--config.data.kind=prepared", "not a prepared data directory"),
+    ("--config.data.qa_templates=4", "qa_templates must be 1, 2 or 3"),
 ])
 def test_cli_rejects_bad_configs_with_clear_errors(override, msg, tmp_path):
     r = _cli(["--config", "configs/synthetic.py:smoke", "--workdir", str(tmp_path / "w"), override], timeout=300)
     assert r.returncode != 0
     assert msg in r.stderr + r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
     assert "Traceback" not in r.stderr or "nope" in msg  # ml_collections reports unknown keys via absl
+
+
+def test_existing_world_with_another_config_is_refused(world_dir, tmp_path):
+    from imprag_jax.model import ConfigError
+    from imprag_jax.train import config_lib
+
+    c = tiny_config(world_dir)  # world_dir was generated with 200 people and 2 QA phrasings
+    c.data.people = 200
+    assert config_lib.data_dir(c, str(tmp_path)) == world_dir
+    c.data.qa_templates = 3
+    with pytest.raises(ConfigError, match="qa_templates=2 but the config asks for qa_templates=3"):
+        config_lib.data_dir(c, str(tmp_path))
 
 
 def test_synthetic_smoke_config_runs_end_to_end(tmp_path):

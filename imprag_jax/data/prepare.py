@@ -18,7 +18,9 @@ Output in DIR::
     stats.json                         counts, chunking, dropped records, BM25 recall@1/5/10
 
 Mini-KILT tasks: ``nq`` and ``squad`` (seen formats, train/dev split by question text) and ``hotpotqa``,
-``scifact``, ``trex`` (unseen formats, evaluation only: split ``dev``). No evaluation question text occurs in
+``scifact``, ``trex`` (unseen formats, evaluation only: split ``dev``); retrieval-free training tasks in the paper's
+spirit (`build_free_tasks`): ``squad_rc`` (SQuAD with its passage as context), ``phrase_denoising``,
+``sentence_generation`` and plain-text ``lm`` rows. No evaluation question text occurs in
 any train file. Passages longer than ``--l_max`` words are split at sentence boundaries (``0`` = keep whole);
 provenance points at the chunk that holds the evidence. The output is a deterministic function of the inputs
 and the flags: two runs write the same bytes.
@@ -401,8 +403,82 @@ def _prompt(ex: Example) -> str:
     return render(ex.meta["task_type"], ex.meta["fields"])
 
 
+# ------------------------------------------------------------------------------------- retrieval-free tasks
+FREE_TASKS = ("squad_rc", "phrase_denoising", "sentence_generation")
+LM_TASKS = ("lm",)
+
+
+def _free(task: str, n: int, task_type: str, fields: dict, answer: str, **meta) -> Example:
+    return Example(f"{task}-train-{n:05d}", render(task_type, fields), [Output(answer)],
+                   dict(task_type=task_type, fields=fields, kind="free", **meta))
+
+
+def build_free_tasks(passages: list, squad_train: list, seed: int = 0, n_per_task: int = 5000,
+                     lm_share: float = 0.1) -> "OrderedDict[tuple, list]":
+    """The paper's retrieval-free training data, built from the passage pool (no passages retrieved for them):
+
+    * ``squad_rc``: SQuAD training questions with their gold passage as the context (reading comprehension);
+    * ``phrase_denoising``: a 2-4 word phrase of a passage has its words shuffled and is marked with
+      ``[START] ... [END]``; the answer is the original phrase (a rule-based stand-in for the paper's
+      LLM-generated phrase denoising);
+    * ``sentence_generation``: one sentence of a passage as the context, ``next``/``previous``; the answer is the
+      adjacent sentence;
+    * ``lm``: plain passages (``lm_share`` of the three tasks' size), the paper's ~10 % of plain Wikipedia text.
+    Deterministic in ``seed``.
+    """
+    rng = random.Random(seed * 7919 + 17)
+    out: "OrderedDict[tuple, list]" = OrderedDict()
+    by_id = {p.id: p for p in passages}
+    rc = []
+    for e in squad_train:
+        if len(rc) >= n_per_task:
+            break
+        hits = [(g, a) for g in e.passage_ids if g in by_id for a in e.answers if answer_in_text([a], by_id[g].text)]
+        if hits:  # the chunk that holds an answer, and that answer's spelling
+            p, ans = by_id[hits[0][0]], hits[0][1]
+            rc.append(_free("squad_rc", len(rc), "reading_comprehension", {"context": p.text, "question": e.input},
+                            ans, passage=p.id, source_id=e.id))
+    out[("squad_rc", "train")] = rc
+    order = list(range(len(passages)))
+    rng.shuffle(order)
+    pd, sg = [], []
+    for i in order:
+        if len(pd) >= n_per_task and len(sg) >= n_per_task:
+            break
+        p = passages[i]
+        words = p.text.split()
+        if len(pd) < n_per_task and len(words) >= 8:
+            n = rng.randint(2, 4)
+            starts = [j for j in range(len(words) - n + 1) if len(set(words[j:j + n])) == n]
+            if starts:
+                j = rng.choice(starts)
+                phrase = words[j:j + n]
+                noisy = phrase[:]
+                while noisy == phrase:
+                    rng.shuffle(noisy)
+                ctx = " ".join(words[:j] + ["[START]"] + noisy + ["[END]"] + words[j + n:])
+                pd.append(_free("phrase_denoising", len(pd), "phrase_denoising", {"context": ctx},
+                                " ".join(phrase), passage=p.id))
+        sents = [x.strip() for x in _sentences_of(p.text) if len(x.split()) >= 3]
+        if len(sg) < n_per_task and len(sents) >= 2:
+            j = rng.randrange(len(sents) - 1)
+            d = rng.choice(("next", "previous"))
+            ctx, ans = (sents[j], sents[j + 1]) if d == "next" else (sents[j + 1], sents[j])
+            sg.append(_free("sentence_generation", len(sg), "sentence_generation", {"context": ctx, "direction": d},
+                            ans, passage=p.id))
+    out[("phrase_denoising", "train")] = pd
+    out[("sentence_generation", "train")] = sg
+    n_lm = int(round(lm_share * (len(rc) + len(pd) + len(sg))))
+    lm = []
+    for i in order[::-1][:n_lm]:
+        p = passages[i]
+        lm.append(Example(f"lm-train-{len(lm):05d}", f"{p.title}:", [Output(p.text)], {"passage": p.id, "kind": "lm"}))
+    out[("lm", "train")] = lm
+    return out
+
+
 def build_minikilt(source: str, seed: int = 0, l_max: int = 100, dev_frac: float = 0.2,
-                   limit: Optional[int] = None) -> MiniKilt:
+                   limit: Optional[int] = None, free_per_task: int = 5000) -> MiniKilt:
     """Convert the release files in ``source`` into passages + task examples (in memory)."""
     if not os.path.isdir(source):
         raise FileNotFoundError(f"source folder {source} does not exist")
@@ -434,14 +510,17 @@ def build_minikilt(source: str, seed: int = 0, l_max: int = 100, dev_frac: float
             if len(keep) < len(xs):
                 drops[f"{t}:train_question_also_in_eval"] += len(xs) - len(keep)
             examples[(t, s)] = keep
+    if free_per_task:
+        examples.update(build_free_tasks(passages, examples.get(("squad", "train"), []), seed, free_per_task))
     for (t, s), xs in examples.items():
         validate_examples(xs, passage_ids=by_id, source=f"{t}.{s}")
 
     tasks = OrderedDict()
     for (t, s), xs in examples.items():
-        d = tasks.setdefault(t, {"task_type": xs[0].meta["task_type"] if xs else None, "splits": {},
-                                 "seen_format": t in SEEN_TASKS, "multi_hop": t == "hotpotqa"})
-        words = [len(_prompt(e).split()) for e in xs]
+        d = tasks.setdefault(t, {"task_type": xs[0].meta.get("task_type") if xs else None, "splits": {},
+                                 "seen_format": t in SEEN_TASKS, "multi_hop": t == "hotpotqa",
+                                 "retrieval": t not in FREE_TASKS + LM_TASKS})
+        words = [len((_prompt(e) if e.meta.get("task_type") else e.input).split()) for e in xs]
         d["splits"][s] = {"examples": len(xs), "with_provenance": sum(1 for e in xs if e.passage_ids),
                           "prompt_words_mean": round(sum(words) / max(len(words), 1), 1),
                           "prompt_words_max": max(words, default=0)}
@@ -458,6 +537,9 @@ def build_minikilt(source: str, seed: int = 0, l_max: int = 100, dev_frac: float
         chunking=OrderedDict((k, ccounts[k]) for k in ("documents", "documents_chunked", "chunks",
                                                        "long_sentences_split", "empty_documents")),
         tasks=tasks, dropped=OrderedDict(sorted((k, v) for k, v in drops.items() if not k.startswith("merged:"))))
+    stats["retrieval_tasks"] = [t for t in tasks if t not in FREE_TASKS + LM_TASKS]
+    stats["free_tasks"] = [t for t in FREE_TASKS if t in tasks]
+    stats["lm_tasks"] = [t for t in LM_TASKS if t in tasks]
     return MiniKilt(passages, dict(examples), stats)
 
 
@@ -476,7 +558,7 @@ def _write_all(out: str, passages: list, examples: dict, stats: dict, bm25_k: in
         by_id = {p.id: p for p in passages}
         recall = OrderedDict()
         for (t, s), xs in examples.items():
-            if not xs:
+            if not xs or t in FREE_TASKS + LM_TASKS:  # retrieval-free: no pseudo-labels
                 continue
             queries = [_prompt(e) for e in xs] if query == "prompt" else [e.input for e in xs]
             labels = label_examples(index, xs, k=bm25_k, queries=queries, show_progress=show_progress,
@@ -495,9 +577,9 @@ def _write_all(out: str, passages: list, examples: dict, stats: dict, bm25_k: in
 
 def prepare_minikilt(source: str, out: str, seed: int = 0, l_max: int = 100, dev_frac: float = 0.2,
                      limit: Optional[int] = None, bm25_k: int = 50, query: str = "prompt",
-                     show_progress: bool = True, pseudo_labels: bool = True) -> dict:
+                     show_progress: bool = True, pseudo_labels: bool = True, free_per_task: int = 5000) -> dict:
     """Build the mini-KILT from ``source`` and write it to ``out``; returns the stats."""
-    mk = build_minikilt(source, seed=seed, l_max=l_max, dev_frac=dev_frac, limit=limit)
+    mk = build_minikilt(source, seed=seed, l_max=l_max, dev_frac=dev_frac, limit=limit, free_per_task=free_per_task)
     return _write_all(out, mk.passages, mk.examples, mk.stats, bm25_k, query, show_progress, pseudo_labels)
 
 
@@ -606,7 +688,7 @@ def stats_markdown(stats: dict) -> str:
              "|---|---|---|---|---:|---:|---:|"]
     for t, d in stats["tasks"].items():
         for s, x in d["splits"].items():
-            fmt = "seen" if d.get("seen_format") else "unseen"
+            fmt = "seen" if d.get("seen_format") else ("unseen" if d.get("retrieval", True) else "no retrieval")
             lines.append(f"| {t} | {fmt} | {d['task_type']} | {s} | {x['examples']:,} | {x['with_provenance']:,} | "
                          f"{x.get('prompt_words_mean', '-')} / {x.get('prompt_words_max', '-')} |")
     p = stats["passages"]
@@ -656,6 +738,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bm25_k", type=int, default=50, help="passages stored per example")
     ap.add_argument("--query", choices=("prompt", "input"), default="prompt",
                     help="BM25 query: the templated prompt (as the paper) or the raw input")
+    ap.add_argument("--free_per_task", type=int, default=5000,
+                    help="examples per retrieval-free training task (squad_rc, phrase_denoising, "
+                         "sentence_generation; plus 10 %% plain-text lm rows); 0 = none")
     ap.add_argument("--no_pseudo_labels", action="store_true")
     ap.add_argument("--no_progress", action="store_true")
     ap.add_argument("--kilt_task", action="append", metavar="NAME=PATH",
@@ -681,7 +766,8 @@ def main(argv=None) -> int:
     else:
         stats = prepare_minikilt(a.source, a.out, seed=a.seed, l_max=a.l_max if a.l_max is not None else 100,
                                  dev_frac=a.dev_frac, limit=a.limit, bm25_k=a.bm25_k, query=a.query,
-                                 show_progress=show, pseudo_labels=not a.no_pseudo_labels)
+                                 show_progress=show, pseudo_labels=not a.no_pseudo_labels,
+                                 free_per_task=a.free_per_task)
     print(stats_markdown(stats))
     for key in ("dropped", "notes"):
         if stats.get(key):

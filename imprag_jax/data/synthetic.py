@@ -93,11 +93,19 @@ EVENT_TEMPLATES = (
     "The flood of {year} in {city} was described by {a}.",
 )
 # Task phrasings.
+# The third phrasing (WorldConfig.qa_templates = 3) names the person first and asks ~15 tokens later, so that the
+# query state at the last token cannot find the name at a fixed short distance (the other phrasings end 3-7 tokens
+# after it) and has to look for it by content -- which is what prompts of unseen formats need.
+_LONG = "{name} is named in the old town records and in the letters kept by the family. "
 QA_QUESTIONS = {
-    "birth_city": ("Where was {name} born?", "In which city was {name} born?"),
-    "birth_year": ("When was {name} born?", "In what year was {name} born?"),
-    "employer": ("Who does {name} work for?", "Which company employs {name}?"),
-    "occupation": ("What is the occupation of {name}?", "What does {name} do for a living?"),
+    "birth_city": ("Where was {name} born?", "In which city was {name} born?",
+                   _LONG + "In which city was this person born?"),
+    "birth_year": ("When was {name} born?", "In what year was {name} born?",
+                   _LONG + "In what year was this person born?"),
+    "employer": ("Who does {name} work for?", "Which company employs {name}?",
+                 _LONG + "Which company does this person work for?"),
+    "occupation": ("What is the occupation of {name}?", "What does {name} do for a living?",
+                   _LONG + "What does this person do for a living?"),
 }
 TWO_HOP_QUESTIONS = {
     "employer_hq": "In which city is the employer of {name} headquartered?",
@@ -142,13 +150,13 @@ class WorldConfig:
     n_letters: int = 300
     n_events: int = 150
     heldout_fraction: float = 0.2  # people in the dev split
-    qa_templates: int = 2          # question phrasings per attribute (1 or 2)
+    qa_templates: int = 2          # question phrasings per attribute (1, 2, or 3 = also the long one)
     el_per_person: int = 2         # entity-linking examples per dev person (surname / first-name mention)
     max_hard_negatives: int = 12   # generator-known hard negatives stored per example
 
     def __post_init__(self):
-        if not 1 <= self.qa_templates <= 2:
-            raise ValueError("qa_templates must be 1 or 2")
+        if not 1 <= self.qa_templates <= 3:
+            raise ValueError("qa_templates must be 1, 2 or 3")
         if self.n_first_names * self.n_surnames < 2 * self.n_people:
             raise ValueError("too few first names x surnames for unique full names")
         if self.n_occupations > len(OCCUPATIONS):

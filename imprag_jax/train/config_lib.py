@@ -1,6 +1,7 @@
 """From a (locked) ml_collections config to the typed objects the code uses, with clear errors for bad values."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, Optional, Tuple
 
@@ -128,11 +129,23 @@ def data_dir(c, workdir: str) -> str:
             _fail(f"data.dir={d!r} is not a prepared data directory (no passages.jsonl); run "
                   "`python -m imprag_jax.data.prepare --source ../shared/data --out DIR` first")
         return d
+    want = dict(seed=c.data.world_seed, n_people=c.data.people, qa_templates=c.data.qa_templates)
     if not os.path.exists(os.path.join(d, "passages.jsonl")):
         from ..data.synthetic import World, WorldConfig, write_world
 
         print(f"[data] generating the synthetic world (seed {c.data.world_seed}, {c.data.people} people) in {d}",
               flush=True)
-        world = World.generate(WorldConfig(seed=c.data.world_seed, n_people=c.data.people))
-        write_world(world, d, show_progress=True)
+        try:
+            wcfg = WorldConfig(**want)
+        except ValueError as e:
+            _fail(f"data: {e}")
+        write_world(World.generate(wcfg), d, show_progress=True)
+    elif os.path.exists(os.path.join(d, "world.json")):  # an existing world must be the one the config asks for
+        with open(os.path.join(d, "world.json")) as f:
+            have = json.load(f).get("config", {})
+        diff = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v}
+        if diff:
+            _fail(f"data.dir={d} holds a synthetic world generated with "
+                  + ", ".join(f"{k}={a}" for k, (a, _) in diff.items()) + " but the config asks for "
+                  + ", ".join(f"{k}={b}" for k, (_, b) in diff.items()) + "; use another data.dir")
     return d

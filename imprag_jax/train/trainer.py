@@ -117,7 +117,7 @@ def evaluate(params, cfg: ModelConfig, c, data_dir: str, tokenizer, *, tasks, li
              mesh=None, corpus=None):
     """Build the index with the current parameters and evaluate each task/mode/k. Returns a list of result rows."""
     from ..data.pipeline import corpus_tokens
-    from ..infer.imprag import Retriever, evaluate_task
+    from ..infer.imprag import Retriever, evaluate_modes
 
     if corpus is None:
         corpus = corpus_tokens(data_dir, tokenizer, c.data.l_max)
@@ -128,14 +128,12 @@ def evaluate(params, cfg: ModelConfig, c, data_dir: str, tokenizer, *, tasks, li
         retriever = Retriever.build(params, cfg, toks, mask, texts, step=step, mesh=None, backend=c.eval.backend)
     rows = []
     for task in tasks:
-        for mode in modes:
-            for k in (ks if mode == "imprag" else ([max(ks)] if mode != "closed_book" else [0])):
-                if mode == "oracle":
-                    k = 1
-                r = evaluate_task(params, cfg, data_dir, task, tokenizer, retriever, split=c.eval.split, mode=mode,
-                                  k=k, L_q=c.data.L_q, l_max=c.data.l_max, max_new_tokens=c.eval.max_new_tokens,
-                                  batch_size=c.eval.batch_size, limit=limit, use_score_bias=c.eval.score_bias)
-                rows.append(r)
+        for mode in modes:  # every k of a mode in one pass over the data
+            mode_ks = {"imprag": list(ks), "oracle": [1], "closed_book": [0]}.get(mode, [max(ks)])
+            rows += evaluate_modes(params, cfg, data_dir, task, tokenizer, retriever, split=c.eval.split, mode=mode,
+                                   ks=mode_ks, L_q=c.data.L_q, l_max=c.data.l_max,
+                                   max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size, limit=limit,
+                                   use_score_bias=c.eval.score_bias, add_bos=bool(c.data.add_bos))
     return rows
 
 

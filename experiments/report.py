@@ -1,0 +1,126 @@
+"""Tables (markdown) and a PNG from the runs collected by experiments/synthetic.py.
+
+    python experiments/report.py [--out runs/experiments] [--md FILE] [--png FILE]
+
+One row per experiment: EM and recall@5 (gold passage) for the seen format (QA) and the unseen ones (slot filling,
+fact verification, entity linking), each as the mean over the seeds run, with the spread (min-max) when there is
+more than one seed. EM is read with the top-1 retrieved passage (ImpRAG rows), the BM25 top-k in context (RA-IT)
+or no passage (closed-book); recall@5 is over the whole corpus with the row's own retriever (BM25 for RA-IT).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic import ROWS  # noqa: E402
+
+TASKS = [("qa", "QA (seen)"), ("slot_filling", "slot filling"), ("fact_verification", "fact verif."),
+         ("entity_linking", "entity linking")]
+
+
+def pick(evals: list, task: str):
+    """(EM, gold recall@5) of the row's main reading mode for `task`: ImpRAG top-1, else bm25, else closed-book."""
+    rows = [e for e in evals if e["task"] == task]
+    for mode, k in (("imprag", 1), ("bm25", None), ("closed_book", None)):
+        c = [e for e in rows if e["mode"] == mode and (k is None or e["k"] == k)]
+        if c:
+            e = c[0]
+            return e.get("em", e.get("accuracy")), e.get("gold_recall@5")
+    return None, None
+
+
+def fmt(vals: list) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    m = float(np.mean(vals))
+    if len(vals) == 1:
+        return f"{m:.3f}"
+    return f"{m:.3f} ({min(vals):.3f}–{max(vals):.3f})"
+
+
+def load(out: str) -> dict:
+    runs = defaultdict(dict)
+    path = os.path.join(out, "results.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"no {path}: run experiments/synthetic.py ROW first")
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            runs[r["row"]][r["seed"]] = r  # a rerun of the same seed replaces the older line
+    return runs
+
+
+def table(runs: dict) -> str:
+    head = "| row | seeds | steps | " + " | ".join(f"{n} EM | {n} R@5" for _, n in TASKS) + " | train s / run |"
+    sep = "|" + "---|" * (4 + 2 * len(TASKS))
+    lines = [head, sep]
+    for row in ROWS:
+        if row not in runs:
+            continue
+        rs = list(runs[row].values())
+        cells = []
+        for task, _ in TASKS:
+            ems, recs = zip(*[pick(r["eval"], task) for r in rs])
+            cells += [fmt(list(ems)), fmt(list(recs))]
+        steps = sorted({r["steps"] for r in rs})
+        secs = np.mean([r["train_seconds"] for r in rs])
+        lines.append(f"| {row} | {len(rs)} | {'/'.join(map(str, steps))} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ROWS if r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    w = 0.8 / len(TASKS)
+    for a, (what, idx) in zip(axes, (("EM", 0), ("gold recall@5", 1))):
+        for i, (task, name) in enumerate(TASKS):
+            vals = []
+            for row in rows:
+                v = [pick(r["eval"], task)[idx] for r in runs[row].values()]
+                v = [x for x in v if x is not None]
+                vals.append((np.mean(v), np.min(v), np.max(v)) if v else (np.nan, np.nan, np.nan))
+            m = np.array([x[0] for x in vals])
+            err = np.array([[x[0] - x[1] for x in vals], [x[2] - x[0] for x in vals]])
+            a.bar(np.arange(len(rows)) + i * w, m, w, yerr=err, label=name, capsize=2)
+        a.set_xticks(np.arange(len(rows)) + 0.4 - w / 2)
+        a.set_xticklabels(rows, rotation=35, ha="right", fontsize=8)
+        a.set_ylim(0, 1.05)
+        a.set_title(f"synthetic world, held-out people: {what}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "experiments"))
+    ap.add_argument("--md", default="", help="also write the table here")
+    ap.add_argument("--png", default="", help="bar plot of EM and recall@5 per row and task")
+    a = ap.parse_args(argv)
+    runs = load(a.out)
+    md = table(runs)
+    print(md)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(md + "\n")
+    if a.png:
+        plot(runs, a.png)
+        print(f"wrote {a.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
