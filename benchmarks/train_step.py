@@ -235,8 +235,7 @@ def random_batch(shape: Shape, vocab: int, seed: int = 0) -> Dict[str, np.ndarra
     positives = np.zeros((B, k), np.int32)
     positives[:, :max(1, k // 2)] = 1
     return {"tokens": tokens, "mask": mask, "prompt_mask": prompt_mask, "loss_mask": loss_mask,
-            "passages": passages, "passage_mask": pmask, "passage_ids": ids, "positives": positives,
-            "retrieval_free": np.zeros((B,), np.int32)}
+            "passages": passages, "passage_mask": pmask, "passage_ids": ids, "positives": positives}
 
 
 def plain_batch(shape: Shape, vocab: int, seed: int = 0) -> Dict[str, np.ndarray]:

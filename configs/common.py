@@ -22,7 +22,7 @@ def base_config() -> mlc.ConfigDict:
     c.data = mlc.ConfigDict(dict(
         kind="synthetic",  # "synthetic" / "minikilt": built into <workdir>/data on first use | "prepared": data.dir
         dir="", source="../shared/data", people=1000, world_seed=0, qa_templates=2,
-        batch_size=32, free_batch_size=8, L_q=64, L_r=4, l_max=24, k=4,
+        batch_size=32, free_batch_size=8, L_q=64, L_r=4, L_free=0, L_free_r=0, l_max=24, k=4,
         tasks="qa:1", free_tasks="format:1", positives="gold", n_pos=1, negatives="generator", n_neg=3,
         neg_ranks=(10, 50), random_neg_fraction=0.25, cf=1.0, cf_negatives=True, add_bos=True, prefetch=2))
     c.train = mlc.ConfigDict(dict(
@@ -35,7 +35,7 @@ def base_config() -> mlc.ConfigDict:
         log_every=50, ckpt_every=1000, keep=3, eval_every=0))
     c.eval = mlc.ConfigDict(dict(
         tasks="qa,two_hop_qa,slot_filling,fact_verification,entity_linking", split="dev", k="1,5", limit=400,
-        max_new_tokens=4, batch_size=128, modes="imprag,oracle", dev_tasks="qa", dev_limit=200,
+        max_new_tokens=4, batch_size=128, modes="imprag,oracle", dev_tasks="qa", dev_limit=200, L_q=0,
         backend="exact", score_bias=False))
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = [list(r) for r in DEFAULT_RULES]

@@ -33,6 +33,11 @@ def get_config(arg: str = ""):
     # (oracle EM 0.75 vs 0.40 at 1,200 steps); the score-bias extension lets it read k > 1; self-distillation from
     # a reader that cannot read yet erases the retriever, so the NCE stays on (stages="warmup")
     c.model.passage_attention = "independent"
+    # retrieval rows are short questions (<= 13 tokens with bos); the format-teaching rows hold their passage(s) in
+    # the prompt (up to 58 tokens) and get their own length; evaluation prompts (slot filling's instruction,
+    # entity linking's context) up to ~40
+    c.data.update(dict(L_q=24, L_free=64))
+    c.eval.L_q = 64
     c.train.update(dict(stages="warmup", score_bias=True, steps=1800, teacher_len=24))
     c.eval.update(dict(score_bias=True, k="1,5", modes="imprag,oracle", tasks="qa,slot_filling,fact_verification,entity_linking,two_hop_qa"))
     c.train.time_budget_s = 480.0

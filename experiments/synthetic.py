@@ -43,7 +43,8 @@ ROWS = {
     "b2_t3": ("", ["--config.model.b=2", "--config.model.t=3"], "E_q/E_p at layer 2, reading in layers 2..3"),
     "b1_t3": ("", ["--config.model.b=1", "--config.model.t=3"], "a deeper middle group (layers 1..3)"),
     # the synthetic world: questions that name the person ~15 tokens before their end (a third QA phrasing)
-    "long_questions": ("", ["--config.data.qa_templates=3"], "a third QA phrasing with the name far from the end"),
+    "long_questions": ("", ["--config.data.qa_templates=3", "--config.data.L_q=40"],
+                       "a third QA phrasing with the name far from the end"),
     # beyond the paper: where self-distillation's candidates come from
     "distill_index": ("", ["--config.train.stages=both", "--config.train.candidates=mixed"],
                       "the paper's schedule with negatives mined from the model's own index in the KL stage"),

@@ -85,14 +85,17 @@ def batch_shapes(c, k_read: Optional[int] = None) -> Dict[str, tuple]:
     """The global batch the trainer feeds the step (every array int32)."""
     import numpy as np
 
-    B = c.data.batch_size + c.data.free_batch_size
+    B, Bf = c.data.batch_size, c.data.free_batch_size
     L = c.data.L_q + c.data.L_r
+    Lf = c.data.get("L_free", 0) or L
     k = c.data.k if k_read is None else k_read
     i32 = np.dtype(np.int32)
-    return {"tokens": ((B, L), i32), "mask": ((B, L), i32), "prompt_mask": ((B, L), i32),
-            "loss_mask": ((B, L), i32), "passages": ((B, k, c.data.l_max), i32),
-            "passage_mask": ((B, k, c.data.l_max), i32), "passage_ids": ((B, k), i32), "positives": ((B, k), i32),
-            "retrieval_free": ((B,), i32)}
+    out = {"tokens": ((B, L), i32), "mask": ((B, L), i32), "prompt_mask": ((B, L), i32),
+           "loss_mask": ((B, L), i32), "passages": ((B, k, c.data.l_max), i32),
+           "passage_mask": ((B, k, c.data.l_max), i32), "passage_ids": ((B, k), i32), "positives": ((B, k), i32)}
+    if Bf:
+        out.update({"free_tokens": ((Bf, Lf), i32), "free_mask": ((Bf, Lf), i32), "free_loss_mask": ((Bf, Lf), i32)})
+    return out
 
 
 def sharded_bytes(tree, shardings) -> float:
@@ -122,9 +125,11 @@ def temp_estimate(cfg, c, mesh_shape: Dict[str, int], stage: str, param_bytes: f
     """
     dt = 2 if cfg.dtype in ("bfloat16", "float16") else 4
     rows = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
-    B = c.data.batch_size + c.data.free_batch_size
+    B = c.data.batch_size
     Bd = max(1.0, B / rows) / max(1, c.train.accum)
     L = c.data.L_q + c.data.L_r
+    Bf = c.data.free_batch_size  # retrieval-free rows: the prompt stream only, at their own length
+    L = L + (Bf / max(B, 1)) * (c.data.get("L_free", 0) or L)
     P = c.data.k * c.data.l_max
     d, N, nm = cfg.hidden_size, cfg.num_layers, cfg.n_middle
     kvd = cfg.num_kv_heads * cfg.head_dim

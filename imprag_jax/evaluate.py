@@ -146,6 +146,7 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     from tqdm import tqdm
 
     from .data.pipeline import available_tasks
+    from .train import config_lib
     from .infer.imprag import MODES, evaluate_modes
     from .infer.session import RunError, load_run_config, restore_params, run_data_dir, run_tokenizer
 
@@ -190,7 +191,7 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
             bar.set_postfix(task=task, mode=mode)
             t1 = time.time()
             rs = evaluate_modes(params, cfg, data_dir, task, tok, retriever, mode=mode, ks=ks, split=split,
-                                L_q=c.data.L_q, l_max=c.data.l_max,
+                                L_q=config_lib.eval_L_q(c), l_max=c.data.l_max,
                                 max_new_tokens=int(max_new_tokens or E.max_new_tokens),
                                 batch_size=int(batch_size or E.batch_size), limit=limit,
                                 use_score_bias=bool(E.score_bias), add_bos=bool(c.data.add_bos),

@@ -221,6 +221,7 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, dtype: str = 
                max_shard_bytes: Optional[int] = None, log=print) -> dict:
     """Export checkpoint `step` (default: the latest) of the run in `workdir`. Returns imprag.json's dict."""
     from .infer import session
+    from .train import config_lib
 
     t0 = time.time()
     try:
@@ -231,7 +232,8 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, dtype: str = 
     data_dir = c.data.dir or os.path.join(workdir, "data")
     tok = run_tokenizer(c, data_dir)
     meta = build_meta(cfg, tok, k=int(str(c.eval.k).split(",")[0]) if str(c.eval.k).strip() else c.data.k,
-                      l_max=c.data.l_max, L_q=c.data.L_q, L_r=c.data.L_r, add_bos=c.data.add_bos, k_train=c.data.k,
+                      l_max=c.data.l_max, L_q=config_lib.eval_L_q(c), L_r=c.data.L_r, add_bos=c.data.add_bos,
+                      k_train=c.data.k,
                       source={"workdir": os.path.abspath(workdir), "step": int(step), "run": c.get("name", ""),
                               "model_init": c.model.init})
     export_model(params, cfg, tok, out, meta, dtype=dtype, max_shard_bytes=max_shard_bytes)

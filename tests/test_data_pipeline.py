@@ -29,7 +29,7 @@ def tok(wdir):
 
 
 def _cfg(**kw):
-    base = dict(batch_size=12, free_batch_size=4, L_q=64, L_r=4, l_max=24, k=4,
+    base = dict(batch_size=12, free_batch_size=4, L_q=24, L_r=4, L_free=64, l_max=24, k=4,
                 tasks={"qa": 1.0, "two_hop_qa": 0.5}, free_tasks={"format": 1.0, "lm": 0.5})
     base.update(kw)
     return P.BatchConfig(**base)
@@ -44,22 +44,30 @@ def _words(tok, ids):
     return tok.decode([int(i) for i in ids], skip_special=True)
 
 
-def _check_contract(b, cfg, B, tok):
-    L = cfg.L_q + cfg.L_r
+def _rows_ok(tok, m, pm, lm, toks, min_loss=2):
+    assert np.all(lm <= m) and np.all(pm <= m) and not np.any(pm & lm)
+    n_p, n = pm.sum(1), m.sum(1)
+    for i in range(len(m)):
+        assert np.all(pm[i, :n_p[i]] == 1) and np.all(m[i, :n[i]] == 1)  # prompt first, then response, no holes
+        assert np.all(lm[i, n_p[i]:n[i]] == 1)
+        assert toks[i, n[i] - 1] == tok.eos_id and np.all(toks[i, n[i]:] == tok.pad_id)
+        assert lm[i].sum() >= min_loss  # an answer token and eos
+
+
+def _check_contract(b, cfg, B, tok, Bf=0):
+    L, Lf = cfg.L_q + cfg.L_r, cfg.Lf
     shapes = dict(tokens=(B, L), mask=(B, L), prompt_mask=(B, L), loss_mask=(B, L),
                   passages=(B, cfg.k, cfg.l_max), passage_mask=(B, cfg.k, cfg.l_max), passage_ids=(B, cfg.k),
-                  positives=(B, cfg.k), retrieval_free=(B,), example_index=(B,))
+                  positives=(B, cfg.k), example_index=(B,))
+    if Bf:
+        shapes.update(free_tokens=(Bf, Lf), free_mask=(Bf, Lf), free_loss_mask=(Bf, Lf), free_index=(Bf,))
     assert set(b) == set(shapes)
     for k, s in shapes.items():
         assert b[k].shape == s and b[k].dtype == np.int32, k
-    m, pm, lm = b["mask"], b["prompt_mask"], b["loss_mask"]
-    assert np.all(lm <= m) and np.all(pm <= m) and not np.any(pm & lm)
-    n_p, n = pm.sum(1), m.sum(1)
-    for i in range(B):
-        assert np.all(pm[i, :n_p[i]] == 1) and np.all(m[i, :n[i]] == 1)  # prompt first, then response, no holes
-        assert np.all(lm[i, n_p[i]:n[i]] == 1)
-        assert b["tokens"][i, n[i] - 1] == tok.eos_id and np.all(b["tokens"][i, n[i]:] == tok.pad_id)
-        assert lm[i].sum() >= 2 or b["retrieval_free"][i]  # an answer token and eos
+    _rows_ok(tok, b["mask"], b["prompt_mask"], b["loss_mask"], b["tokens"])
+    if Bf:  # free rows: the response follows the prompt (plain-LM rows: bos is the prompt)
+        fm, flm = b["free_mask"], b["free_loss_mask"]
+        _rows_ok(tok, fm, fm & (1 - flm), flm, b["free_tokens"], min_loss=1)
     pmask, ids, pos = b["passage_mask"], b["passage_ids"], b["positives"]
     valid = ids >= 0
     assert np.array_equal(pmask.any(-1), valid)
@@ -68,9 +76,7 @@ def _check_contract(b, cfg, B, tok):
     for i, j in zip(*np.nonzero(valid)):
         ln = pmask[i, j].sum()
         assert np.all(pmask[i, j, :ln] == 1) and b["passages"][i, j, ln - 1] == eop
-    free = b["retrieval_free"] == 1
-    assert not pmask[free].any() and np.all(ids[free] == -1) and not pos[free].any()
-    assert np.all(pos[~free].sum(1) >= 1)
+    assert np.all(pos.sum(1) >= 1)
 
 
 def test_batch_contract_and_mixture(wdir, tok):
@@ -79,19 +85,24 @@ def test_batch_contract_and_mixture(wdir, tok):
     kinds = set()
     for step in range(4):
         b = it.batch(step)
-        _check_contract(b, cfg, 16, tok)
-        assert b["retrieval_free"].sum() == 4
-        for i in range(16):
-            text = _words(tok, b["tokens"][i][b["mask"][i] == 1])
-            kinds.add("two_hop" if "headquartered" in text or "country" in text or "founded" in text else
-                      "fmt" if "<eop>" in tok.decode(b["tokens"][i], skip_special=False) else
-                      "lm" if b["prompt_mask"][i].sum() == 1 else "qa")
+        _check_contract(b, cfg, 12, tok, Bf=4)
+        rows = [("r", b["tokens"][i][b["mask"][i] == 1], b["prompt_mask"][i].sum()) for i in range(12)]
+        rows += [("f", b["free_tokens"][i][b["free_mask"][i] == 1], (b["free_mask"][i] & (1 - b["free_loss_mask"][i])).sum())
+                 for i in range(4)]
+        for kind, t, n_prompt in rows:
+            text = _words(tok, t)
+            kinds.add("two_hop" if kind == "r" and ("headquartered" in text or "country" in text or "founded" in text)
+                      else "fmt" if "<eop>" in tok.decode(t, skip_special=False) else
+                      "lm" if n_prompt == 1 else "qa")
+            assert kind == "f" or "<eop>" not in tok.decode(t, skip_special=False)  # passages only in free rows
     assert kinds == {"two_hop", "fmt", "lm", "qa"}
+    assert b["free_tokens"].shape[1] == 64 and b["tokens"].shape[1] == 28  # each kind of row at its own length
     # plain-LM rows: bos alone is the prompt, the passage text is the target
     b = _it(wdir, tok, _cfg(free_tasks={"lm": 1.0})).batch(0)
-    for i in np.nonzero(b["retrieval_free"])[0]:
-        assert b["prompt_mask"][i].sum() == 1 and b["tokens"][i, 0] == tok.bos_id
-        assert b["loss_mask"][i].sum() >= 8 and ":" in _words(tok, b["tokens"][i][b["loss_mask"][i] == 1])
+    for i in range(4):
+        lm, m = b["free_loss_mask"][i], b["free_mask"][i]
+        assert (m & (1 - lm)).sum() == 1 and b["free_tokens"][i, 0] == tok.bos_id
+        assert lm.sum() >= 8 and ":" in _words(tok, b["free_tokens"][i][lm == 1])
 
 
 def test_gold_positives_contain_the_answer_with_counterfactuals(wdir, tok):
@@ -149,7 +160,7 @@ def test_resume_gives_the_same_next_batch(wdir, tok):
     it2.set_state(state)
     for ref in (want, after):
         got = next(it2)
-        for k in P.BATCH_KEYS:
+        for k in P.BATCH_KEYS + P.FREE_KEYS:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     it2.close()
     with pytest.raises(ValueError):
@@ -161,7 +172,7 @@ def test_resume_gives_the_same_next_batch(wdir, tok):
 def test_determinism_and_epochs(wdir, tok):
     cfg = _cfg(cf=1.0, cf_negatives=True)
     a, b = _it(wdir, tok, cfg).batch(7), _it(wdir, tok, cfg).batch(7)
-    for k in P.BATCH_KEYS:
+    for k in P.BATCH_KEYS + P.FREE_KEYS:
         np.testing.assert_array_equal(a[k], b[k])
     c = _it(wdir, tok, _cfg(cf=1.0, cf_negatives=True, seed=1)).batch(7)
     assert not np.array_equal(a["tokens"], c["tokens"])
@@ -181,12 +192,12 @@ def test_host_slices_concatenate_to_the_global_batch(wdir, tok):
     for step in (0, 5):
         g = single.global_batch(step)
         parts = [h.batch(step) for h in hosts]
-        for k in P.BATCH_KEYS:
+        for k in P.BATCH_KEYS + P.FREE_KEYS:
             np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k], err_msg=k)
             np.testing.assert_array_equal(single.batch(step)[k], g[k])
-        assert all(p["tokens"].shape[0] == 4 for p in parts)
-    with pytest.raises(ValueError):
-        _it(wdir, tok, cfg, process_index=0, process_count=3)
+        assert all(p["tokens"].shape[0] == 3 and p["free_tokens"].shape[0] == 1 for p in parts)
+    with pytest.raises(ValueError, match="divisible by process_count"):
+        _it(wdir, tok, cfg, process_index=0, process_count=3)  # 4 free rows over 3 hosts
 
 
 def test_truncation_counts(wdir, tok):

@@ -491,8 +491,8 @@ def test_retrieval_free_training_tasks(minikilt):
                                                          negatives="bm25", n_neg=1, cf=0.0), prefetch=0)
     b = it.batch(0)
     assert it.free_tasks == {t: 1.0 for t in FREE}
-    assert b["retrieval_free"].sum() == 4 and (b["passage_mask"][b["retrieval_free"] == 1] == 0).all()
-    assert (b["loss_mask"].sum(1) > 0).all()
+    assert b["free_tokens"].shape == (4, 256 + 16) and b["tokens"].shape == (4, 256 + 16)
+    assert (b["free_loss_mask"].sum(1) > 0).all() and (b["loss_mask"].sum(1) > 0).all()
 
 
 @needs_data
@@ -560,7 +560,7 @@ def test_prepare_is_deterministic_and_seeded(tmp_path, capsys):
     files = ["passages.jsonl", "stats.json"] + [f"tasks/{f}" for f in os.listdir(os.path.join(a, "tasks"))] + \
         [f"pseudo_labels/{f}" for f in os.listdir(os.path.join(a, "pseudo_labels"))]
     match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
-    assert not mismatch and not errors and len(match) == 2 + 2 * 7, cmp
+    assert not mismatch and not errors and len(match) == 2 + (7 + 4) + 7, cmp  # 4 retrieval-free task files
     prepare_minikilt(SHARED, c, seed=1, limit=120, show_progress=False, pseudo_labels=False)
     read = lambda d, f: open(os.path.join(d, f)).read()  # noqa: E731
     assert read(a, "tasks/nq.dev.jsonl") != read(c, "tasks/nq.dev.jsonl")  # the seed moves the split

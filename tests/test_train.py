@@ -32,7 +32,7 @@ def tiny_config(world_dir, **train):
     c.data.dir = world_dir
     c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
                         init_std=0.125))
-    c.data.update(dict(batch_size=8, free_batch_size=2, L_q=64, prefetch=0))
+    c.data.update(dict(batch_size=8, free_batch_size=2, prefetch=0))
     c.train.update(dict(steps=16, warmup_steps=2, log_every=1, ckpt_every=0, time_budget_s=0.0, lr=3e-3))
     c.train.update(train)
     c.eval.update(dict(modes="", limit=64))
@@ -115,7 +115,7 @@ def test_self_distillation_moves_p_r_toward_p_t(world_dir):
     from imprag_jax.model.sharding import make_mesh
     from imprag_jax.train import config_lib
     from imprag_jax.train.state import compile_step, create_state
-    from imprag_jax.train.step import BATCH_KEYS, make_optimizer
+    from imprag_jax.train.step import make_optimizer, step_keys
 
     c = tiny_config(world_dir, score_bias=False, teacher_len=0)  # plain reader: P_R only enters via the KL
     c.model.update(dict(passage_attention="joint", init_std=128 ** -0.5))
@@ -123,7 +123,7 @@ def test_self_distillation_moves_p_r_toward_p_t(world_dir):
     cfg = config_lib.model_config(c, tok.vocab_size)
     tx, _ = make_optimizer(3e-3, 100, 1)
     mesh = make_mesh()
-    shapes = {k: (b[k].shape, b[k].dtype) for k in BATCH_KEYS}
+    shapes = {k: (b[k].shape, b[k].dtype) for k in step_keys(b)}
     final = {}
     for lam in (0.0, 10.0):
         sc = dataclasses.replace(config_lib.step_config(c), lam=lam, tau_t=1.0)
@@ -145,18 +145,18 @@ from imprag_jax.data.pipeline import TrainBatches, load_tokenizer
 from imprag_jax.model.sharding import make_mesh
 from imprag_jax.train import config_lib
 from imprag_jax.train.state import compile_step, create_state
-from imprag_jax.train.step import BATCH_KEYS, make_optimizer
+from imprag_jax.train.step import make_optimizer, step_keys
 assert jax.device_count() == 8
 c = synthetic.get_config()
 c.data.dir = "WORLD"
 c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0))
-c.data.update(dict(batch_size=14, free_batch_size=2, prefetch=0))
+c.data.update(dict(batch_size=12, free_batch_size=4, prefetch=0))
 tok = load_tokenizer("WORLD")
 cfg = config_lib.model_config(c, tok.vocab_size)
 sc = config_lib.step_config(c)
 data = TrainBatches("WORLD", tok, config_lib.batch_config(c), prefetch=0)
 batches = [data.batch(i) for i in range(2)]
-shapes = {k: (batches[0][k].shape, batches[0][k].dtype) for k in BATCH_KEYS}
+shapes = {k: (batches[0][k].shape, batches[0][k].dtype) for k in step_keys(batches[0])}
 tx, _ = make_optimizer(2e-3, 10, 1)
 out = {}
 for name, mesh in [("one", make_mesh(devices=jax.devices()[:1])), ("eight", make_mesh(data=2, fsdp=2, tensor=2))]:
@@ -165,7 +165,7 @@ for name, mesh in [("one", make_mesh(devices=jax.devices()[:1])), ("eight", make
         state = create_state(cfg, tx, mesh, jax.random.key(0))
         ms = []
         for b in batches:
-            state, m = step(state, {k: jax.device_put(b[k], sh["batch"][k]) for k in BATCH_KEYS}, jnp.float32(0))
+            state, m = step(state, {k: jax.device_put(b[k], sh["batch"][k]) for k in step_keys(b)}, jnp.float32(0))
             ms.append({k: float(v) for k, v in m.items()})
         out[(name, stage)] = (ms, jax.device_get(state["params"]))
 for stage in ("warmup", "distill"):
@@ -210,8 +210,7 @@ def test_existing_world_with_another_config_is_refused(world_dir, tmp_path):
     from imprag_jax.model import ConfigError
     from imprag_jax.train import config_lib
 
-    c = tiny_config(world_dir)  # world_dir was generated with 200 people and 2 QA phrasings
-    c.data.people = 200
+    c = tiny_config(world_dir)  # world_dir was generated with 200 people (allowed) and 2 QA phrasings
     assert config_lib.data_dir(c, str(tmp_path)) == world_dir
     c.data.qa_templates = 3
     with pytest.raises(ConfigError, match="qa_templates=2 but the config asks for qa_templates=3"):
@@ -238,7 +237,7 @@ def test_mined_candidates_replace_negatives_with_the_best_new_passages():
     ids = np.array([[order[0, 0], order[0, 5], order[0, 7], order[0, 9]],
                     [order[1, 3], order[1, 1], order[1, 8], order[1, 2]]], np.int32)
     batch = {"passage_ids": jnp.asarray(ids), "positives": jnp.asarray([[1, 0, 0, 0], [0, 1, 0, 0]]),
-             "retrieval_free": jnp.asarray([0, 0]), "passages": jnp.asarray(toks[ids]),
+             "passages": jnp.asarray(toks[ids]),
              "passage_mask": jnp.ones((2, 4, l), jnp.int32)}
     sc = StepConfig(candidates="mixed", n_replace=2, n_index=N)
     out, rep = mine_from_index(jnp.asarray(e_q), batch, {"emb": jnp.asarray(emb), "tokens": jnp.asarray(toks),

@@ -19,12 +19,19 @@ recompiles)::
     passage_mask   int32 [B, k, l_max]
     passage_ids    int32 [B, k]         row of each candidate in passages.jsonl, -1 for an empty slot
     positives      int32 [B, k]         1 for (pseudo-)positive candidates
-    retrieval_free int32 [B]            1 for format-teaching / plain-LM rows (no passages, generation loss only)
     example_index  int32 [B]            row of the example in its task split
+  and, when free_batch_size > 0, the retrieval-free rows (format teaching, reading comprehension with the context
+  in the prompt, plain text: no passages, generation loss only) at their own length Lf = L_free (or L):
+    free_tokens    int32 [Bf, Lf]       prompt then response (+eos), right-padded
+    free_mask      int32 [Bf, Lf]
+    free_loss_mask int32 [Bf, Lf]
+    free_index     int32 [Bf]           row of the example in its task split
 
-``B`` is this host's share of the global batch ``batch_size + free_batch_size``. The retrieval-free rows sit at
-fixed, evenly spaced positions of the global batch, so every global batch has exactly ``free_batch_size`` of
-them. Plain-LM rows (``lm`` tasks) put one token (bos) in the prompt and the whole text in the response, up to L.
+``B`` / ``Bf`` are this host's shares of ``batch_size`` / ``free_batch_size`` (each divisible by the process
+count). Free rows have their own length because their prompts hold a context (a passage, a paragraph) while
+retrieval prompts are short: one shared length would pad every retrieval row -- and its passage stream -- to the
+longest context. Plain-LM rows (``lm`` tasks) put one token (bos) in the prompt and the whole text in the
+response, up to Lf.
 
 Determinism: batch ``step`` is a pure function of (data, tokenizer, config, step). Each task split is shuffled
 per epoch by grain (``MapDataset.source(...).shuffle(seed).repeat()``), mixed by weight (``MapDataset.mix``), and
@@ -65,7 +72,8 @@ from imprag_jax.data.chunking import TITLE_FORMAT, TruncationStats, format_passa
 
 RECORDS_VERSION = 1
 BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage_mask", "passage_ids", "positives",
-              "retrieval_free", "example_index")
+              "example_index")
+FREE_KEYS = ("free_tokens", "free_mask", "free_loss_mask", "free_index")
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -76,6 +84,8 @@ class BatchConfig:
     free_batch_size: int = 0             # retrieval-free rows (format teaching, plain LM) per global batch
     L_q: int = 64                        # prompt tokens (cut from the left; bos kept)
     L_r: int = 8                         # response tokens incl. eos (cut on the right)
+    L_free: int = 0                      # length of a retrieval-free row (prompt + response); 0 = L_q + L_r
+    L_free_r: int = 0                    # response tokens of a retrieval-free row (plain-LM rows: all); 0 = L_r
     l_max: int = 32                      # passage tokens incl. the end marker (cut on the right)
     k: int = 10                          # candidate slots per example
     tasks: Optional[Mapping[str, float]] = None       # retrieval task -> mixing weight; None: stats.json's list
@@ -105,6 +115,8 @@ class BatchConfig:
             raise ValueError("need batch_size + free_batch_size > 0")
         if min(self.L_q, self.L_r, self.l_max, self.k) < 1 or self.L_q < 2 or self.L_r < 1 or self.l_max < 2:
             raise ValueError("L_q >= 2, L_r >= 1, l_max >= 2 and k >= 1 are needed")
+        if self.L_free < 0 or self.L_free_r < 0 or self.Lf - self.Lf_r < 2:
+            raise ValueError(f"L_free={self.L_free} must leave >= 2 prompt tokens beside L_free_r={self.Lf_r}")
         if not 0.0 <= self.cf <= 1.0 or not 0.0 <= self.random_neg_fraction <= 1.0:
             raise ValueError("cf and random_neg_fraction are probabilities")
         lo, hi = self.neg_ranks
@@ -115,11 +127,21 @@ class BatchConfig:
     def L(self) -> int:
         return self.L_q + self.L_r
 
+    @property
+    def Lf(self) -> int:
+        """Length of a retrieval-free row."""
+        return self.L_free or self.L
+
+    @property
+    def Lf_r(self) -> int:
+        """Response tokens of a retrieval-free (non-LM) row."""
+        return self.L_free_r or self.L_r
+
     @classmethod
     def synthetic(cls, **overrides) -> "BatchConfig":
         """The synthetic-world recipe of docs/feasibility_tiny.md: gold + 3 generator hard negatives (25 % random),
         counterfactual gold and negatives, 32 QA rows + 8 format-teaching rows per step, k = 4."""
-        base = dict(batch_size=32, free_batch_size=8, L_q=64, L_r=4, l_max=24, k=4, tasks={"qa": 1.0},
+        base = dict(batch_size=32, free_batch_size=8, L_q=24, L_r=4, L_free=64, l_max=24, k=4, tasks={"qa": 1.0},
                     free_tasks={"format": 1.0}, positives="gold", negatives="generator", n_neg=3,
                     random_neg_fraction=0.25, cf=1.0, cf_negatives=True)
         base.update(overrides)
@@ -323,11 +345,11 @@ class TrainBatches:
 
         self.cfg = cfg = cfg or BatchConfig()
         self.data_dir = data_dir
-        B = cfg.batch_size + cfg.free_batch_size
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"bad process_index/process_count {process_index}/{process_count}")
-        if B % process_count:
-            raise ValueError(f"global batch {B} is not divisible by process_count {process_count}")
+        if cfg.batch_size % process_count or cfg.free_batch_size % process_count:
+            raise ValueError(f"batch_size {cfg.batch_size} and free_batch_size {cfg.free_batch_size} must each be "
+                             f"divisible by process_count {process_count}")
         self.process_index, self.process_count = process_index, process_count
         self.tokenizer = tokenizer or load_tokenizer(data_dir)
         self.enc = _Encoder(self.tokenizer, cfg.title_format, cfg.add_bos)
@@ -368,18 +390,8 @@ class TrainBatches:
             return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
 
         self._retr, self._free = stream(self.tasks), stream(self.free_tasks)
-        # fixed layout of the global batch: retrieval-free rows evenly spaced
-        Bf = cfg.free_batch_size
-        free_pos = {(i + 1) * B // Bf - 1 for i in range(Bf)} if Bf else set()
-        self._layout, nr, nf = [], 0, 0
-        for j in range(B):
-            if j in free_pos:
-                self._layout.append(("free", nf))
-                nf += 1
-            else:
-                self._layout.append(("retr", nr))
-                nr += 1
-        self.global_batch_size, self.host_batch_size = B, B // process_count
+        self.global_batch_size = cfg.batch_size + cfg.free_batch_size
+        self.host_batch_size = self.global_batch_size // process_count
         self.truncation = TruncationStats()          # prompts and batch-time (counterfactual) passages
         self.corpus_truncation = TruncationStats()   # the corpus, tokenized once
         self.response_truncation: dict = {"responses": 0, "responses_truncated": 0, "lm": 0, "lm_truncated": 0}
@@ -448,26 +460,26 @@ class TrainBatches:
             self._pool = None
 
     # ------------------------------------------------------------------ batches
-    def _rows(self, step: int, lo: int, hi: int) -> list:
+    def _rows(self, step: int, part: int, count: int) -> tuple:
+        """(retrieval rows, free rows) of global batch ``step`` for ``part`` of ``count`` equal shares."""
         cfg = self.cfg
-        rows = []
-        for j in range(lo, hi):
-            kind, pos = self._layout[j]
-            if kind == "retr":
-                epoch, raw = self._retr[step * cfg.batch_size + pos]
-            else:
-                epoch, raw = self._free[step * cfg.free_batch_size + pos]
-            rows.append(self._row(json.loads(raw), int(epoch)))
-        return rows
+        out = []
+        for n, stream in ((cfg.batch_size, self._retr), (cfg.free_batch_size, self._free)):
+            h = n // count
+            rows = []
+            for pos in range(part * h, (part + 1) * h):
+                epoch, raw = stream[step * n + pos]
+                rows.append(self._row(json.loads(raw), int(epoch)))
+            out.append(rows)
+        return tuple(out)
 
     def batch(self, step: int) -> dict:
         """This host's rows of global batch ``step``."""
-        h = self.host_batch_size
-        return _stack(self._rows(step, self.process_index * h, (self.process_index + 1) * h), self.cfg)
+        return _stack(*self._rows(step, self.process_index, self.process_count), self.cfg)
 
     def global_batch(self, step: int) -> dict:
-        """All rows of global batch ``step`` (the concatenation of every host's `batch`)."""
-        return _stack(self._rows(step, 0, self.global_batch_size), self.cfg)
+        """All rows of global batch ``step`` (every host's `batch`, concatenated key by key)."""
+        return _stack(*self._rows(step, 0, 1), self.cfg)
 
     def _corpus(self):
         if self._ptok is None:
@@ -516,8 +528,7 @@ class TrainBatches:
         ids[:len(cands)] = cands
         positives = np.zeros((cfg.k,), np.int32)
         positives[:len(cands)] = [c in pos for c in cands]
-        row.update(passages=toks, passage_mask=mask, passage_ids=ids, positives=positives,
-                   retrieval_free=np.int32(0))
+        row.update(passages=toks, passage_mask=mask, passage_ids=ids, positives=positives)
         return row
 
     def _candidates(self, rec: dict, gold: list, rng) -> tuple:
@@ -567,8 +578,8 @@ class TrainBatches:
             if r not in avoid:
                 return r
 
-    def _tokens(self, p_ids: list, r_ids: list, example_row: int) -> dict:
-        L = self.cfg.L
+    def _tokens(self, p_ids: list, r_ids: list, example_row: int, L: Optional[int] = None) -> dict:
+        L = L or self.cfg.L
         toks = np.full((L,), self.enc.pad, np.int32)
         seq = p_ids + r_ids
         toks[:len(seq)] = seq
@@ -583,32 +594,34 @@ class TrainBatches:
 
     def _free_row(self, rec: dict, prompt: str, answer: str, is_lm: bool) -> dict:
         cfg = self.cfg
-        if is_lm:  # one sequence: bos (the prompt) then the text, loss on the text, up to L tokens
+        if is_lm:  # one sequence: bos (the prompt) then the text, loss on the text, up to Lf tokens
             ids = self.tok_text(f"{prompt} {answer}")
             head = [self.enc.bos] if self.enc.bos is not None else ids[:1]
             body = ids if self.enc.bos is not None else ids[1:]
-            room = cfg.L - len(head) - 1
+            room = cfg.Lf - len(head) - 1
             self.response_truncation["lm"] += 1
             if len(body) > room:
                 self.response_truncation["lm_truncated"] = self.response_truncation.get("lm_truncated", 0) + 1
                 body = body[:room]
-            row = self._tokens(head, body + [self.enc.eos], rec["row"])
+            row = self._tokens(head, body + [self.enc.eos], rec["row"], cfg.Lf)
         else:
-            row = self._tokens(self.enc.prompt(prompt, cfg.L_q, self.truncation),
-                               self.enc.response(answer, cfg.L_r, self.response_truncation), rec["row"])
-        row.update(passages=np.full((cfg.k, cfg.l_max), self.enc.pad, np.int32),
-                   passage_mask=np.zeros((cfg.k, cfg.l_max), np.int32), passage_ids=np.full((cfg.k,), -1, np.int32),
-                   positives=np.zeros((cfg.k,), np.int32), retrieval_free=np.int32(1))
-        return row
+            row = self._tokens(self.enc.prompt(prompt, cfg.Lf - cfg.Lf_r, self.truncation),
+                               self.enc.response(answer, cfg.Lf_r, self.response_truncation), rec["row"], cfg.Lf)
+        return {"free_tokens": row["tokens"], "free_mask": row["mask"], "free_loss_mask": row["loss_mask"],
+                "free_index": row["example_index"]}
 
     def tok_text(self, text: str) -> list:
         return list(self.tokenizer.encode(text))
 
 
-def _stack(rows: list, cfg: BatchConfig) -> dict:
-    if not rows:
+def _stack(rows: list, free_rows: list, cfg: BatchConfig) -> dict:
+    if not rows and not free_rows:
         raise ValueError("empty batch")
-    return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in BATCH_KEYS}
+    out = {}
+    for keys, rs in ((BATCH_KEYS, rows), (FREE_KEYS, free_rows)):
+        for k in keys if rs else ():
+            out[k] = np.stack([r[k] for r in rs]).astype(np.int32)
+    return out
 
 
 def make_train_iterator(data_dir: str, tokenizer=None, process_index: int = 0, process_count: int = 1,
@@ -682,4 +695,4 @@ def eval_batches(data_dir: str, task: str, split: str = "dev", tokenizer=None, *
 
 
 __all__ = ["BatchConfig", "TrainBatches", "make_train_iterator", "eval_batches", "corpus_tokens", "prepare_records",
-           "load_tokenizer", "example_prompt", "available_tasks", "BATCH_KEYS", "RECORDS_VERSION"]
+           "load_tokenizer", "example_prompt", "available_tasks", "BATCH_KEYS", "FREE_KEYS", "RECORDS_VERSION"]

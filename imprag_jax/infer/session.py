@@ -118,7 +118,9 @@ class ImpRAGSession:
         """Right-padded [B, L_q] tokens / mask, each prompt cut from the left as in training."""
         from ..data.chunking import encode_prompt
 
-        L = self.c.data.L_q
+        from ..train import config_lib
+
+        L = config_lib.eval_L_q(self.c)
         toks = np.full((len(prompts), L), self.tok.pad_id, np.int32)
         mask = np.zeros((len(prompts), L), np.int32)
         bos = self.tok.bos_id if self.c.data.add_bos else None

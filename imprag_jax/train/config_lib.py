@@ -80,13 +80,22 @@ def step_config(c) -> StepConfig:
         _fail("train.steps must be >= 1 and train.lr > 0")
     if t.accum < 1:
         _fail("train.accum must be >= 1")
-    B = c.data.batch_size + c.data.free_batch_size
-    if B % t.accum:
-        _fail(f"global batch {B} (data.batch_size + data.free_batch_size) is not divisible by train.accum={t.accum}")
-    return StepConfig(r_len=c.data.L_r if not _lm_tasks(c) else c.data.L_q + c.data.L_r, lam=t.lam,
+    d = c.data
+    if d.batch_size < 1:
+        _fail(f"data.batch_size must be >= 1 (retrieval rows per global batch), got {d.batch_size}")
+    if d.batch_size % t.accum or d.free_batch_size % t.accum:
+        _fail(f"data.batch_size={d.batch_size} and data.free_batch_size={d.free_batch_size} must each be divisible "
+              f"by train.accum={t.accum}")
+    Lf = d.L_free or d.L_q + d.L_r
+    return StepConfig(r_len=d.L_r, r_len_free=Lf if _lm_tasks(c) else (d.L_free_r or d.L_r), lam=t.lam,
                       tau_t=t.tau_t, tau_r=t.tau_r, nce_reduction=t.nce_reduction, score_bias=t.score_bias,
                       score_bias_grad=t.score_bias_grad, accum=t.accum, teacher_chunks=t.teacher_chunks,
                       teacher_len=t.teacher_len)
+
+
+def eval_L_q(c) -> int:
+    """Prompt length at evaluation and inference: eval.L_q, or data.L_q when 0 / absent (older run configs)."""
+    return int(c.eval.get("L_q", 0) or c.data.L_q)
 
 
 def _lm_tasks(c) -> bool:
@@ -100,6 +109,7 @@ def batch_config(c):
     d = c.data
     try:
         return BatchConfig(batch_size=d.batch_size, free_batch_size=d.free_batch_size, L_q=d.L_q, L_r=d.L_r,
+                           L_free=d.L_free, L_free_r=d.L_free_r,
                            l_max=d.l_max, k=d.k, tasks=parse_weights(d.tasks), free_tasks=parse_weights(d.free_tasks),
                            positives=d.positives, n_pos=d.n_pos, negatives=d.negatives, n_neg=d.n_neg,
                            neg_ranks=tuple(d.neg_ranks), random_neg_fraction=d.random_neg_fraction, cf=d.cf,
@@ -143,7 +153,9 @@ def data_dir(c, workdir: str) -> str:
     elif os.path.exists(os.path.join(d, "world.json")):  # an existing world must be the one the config asks for
         with open(os.path.join(d, "world.json")) as f:
             have = json.load(f).get("config", {})
-        diff = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v}
+        # the seed and the question phrasings decide what a run trains on; a smaller or larger world than
+        # data.people is allowed (tests and quick runs point data.dir at small worlds)
+        diff = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v and k != "n_people"}
         if diff:
             _fail(f"data.dir={d} holds a synthetic world generated with "
                   + ", ".join(f"{k}={a}" for k, (a, _) in diff.items()) + " but the config asks for "

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..model import ModelConfig, init_params, param_logical_axes
 from ..model.sharding import DEFAULT_RULES, logical_to_spec, tree_shardings, use_sharding
-from .step import BATCH_KEYS, StepConfig, train_step
+from .step import StepConfig, step_keys, train_step
 
 
 def _path_key(path):
@@ -60,7 +60,7 @@ def create_state(cfg: ModelConfig, tx, mesh, rng=None, params=None, rules=DEFAUL
 def batch_specs(batch_shapes: Dict[str, tuple], mesh, rules=DEFAULT_RULES):
     """Abstract batch arrays and their shardings (rows over the batch mesh axes)."""
     abstract, shard = {}, {}
-    for k in BATCH_KEYS:
+    for k in step_keys(batch_shapes):
         shape, dtype = batch_shapes[k]
         abstract[k] = jax.ShapeDtypeStruct(shape, dtype)
         shard[k] = NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, shape, mesh))
@@ -112,7 +112,7 @@ class CompiledStep:
         self.takes_index = takes_index
 
     def __call__(self, state, batch, bias_scale, index=None):
-        b = {k: batch[k] for k in BATCH_KEYS}
+        b = {k: batch[k] for k in step_keys(batch)}
         if self.takes_index:
             if index is None:
                 raise ValueError("this step was compiled to mine candidates: pass the index arrays")

@@ -26,8 +26,16 @@ from ..model.transformer import (PassageKV, logits_from_hidden, passage_kv, prom
                                  retrieval_embedding, run_bottom)
 from . import losses
 
-BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage_mask", "passage_ids", "positives",
-              "retrieval_free")
+BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage_mask", "passage_ids", "positives")
+FREE_KEYS = ("free_tokens", "free_mask", "free_loss_mask")  # retrieval-free rows, when the batch has them
+
+
+def step_keys(batch) -> tuple:
+    """The keys of `batch` the step reads (BATCH_KEYS, plus FREE_KEYS when the batch has retrieval-free rows)."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}")
+    return BATCH_KEYS + tuple(k for k in FREE_KEYS if k in batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +43,7 @@ class StepConfig:
     """Static hyperparameters of the compiled step (changing one means a new program)."""
 
     r_len: int = 8  # response tokens scored per example (the pipeline's L_r)
+    r_len_free: int = 0  # response tokens scored per retrieval-free row (plain-LM rows: the row length); 0 = r_len
     lam: float = 1.0  # weight of J_ret
     tau_t: float = 1.0
     tau_r: float = 1.0
@@ -115,7 +124,7 @@ def mine_from_index(e_q, batch, index, sc: StepConfig):
     _, sel = jax.lax.top_k(order, sc.n_replace)
     mined = jnp.take_along_axis(ids, sel, axis=1)
     ok = ~jnp.take_along_axis(dup, sel, axis=1)
-    neg = (batch["positives"] == 0) & (batch["retrieval_free"] == 0)[:, None]
+    neg = batch["positives"] == 0
     rank = jnp.clip(jnp.cumsum(neg, axis=1) - 1, 0, sc.n_replace - 1)
     replace = neg & (jnp.cumsum(neg, axis=1) <= sc.n_replace) & jnp.take_along_axis(ok, rank, axis=1)
     new_ids = jnp.where(replace, jnp.take_along_axis(mined, rank, axis=1), own)
@@ -128,27 +137,38 @@ def mine_from_index(e_q, batch, index, sc: StepConfig):
     return out, replace
 
 
+def free_rows_nll(params, cfg: ModelConfig, sc: StepConfig, batch):
+    """(sum of -log p, token count) over the retrieval-free rows: the plain decoder, no passages."""
+    if "free_tokens" not in batch:
+        z = jnp.zeros((), jnp.float32)
+        return z, z
+    t, m = batch["free_tokens"], batch["free_mask"]
+    h = prompt_through(params, cfg, run_bottom(params, cfg, t, m), m, None, 0)
+    lp, valid = _response_logprobs(params, cfg, h, t, batch["free_loss_mask"], sc.r_len_free or sc.r_len)
+    return losses.generation_nll(lp, valid)
+
+
 def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[str, jax.Array], bias_scale,
             index=None):
     tokens, mask = batch["tokens"], batch["mask"]
-    rf = batch["retrieval_free"] > 0
     h_q = run_bottom(params, cfg, tokens, mask)
     e_q = retrieval_embedding(params, cfg, h_q, batch["prompt_mask"], "q")
     mined = None
     if index is not None and sc.n_replace > 0:
         batch, mined = mine_from_index(e_q, batch, index, sc)
-    pmask = batch["passage_mask"] * (~rf)[:, None, None].astype(batch["passage_mask"].dtype)
+    free_sum, free_n = free_rows_nll(params, cfg, sc, batch)
+    pmask = batch["passage_mask"]
     B, k, L = batch["passages"].shape
     if k == 0:  # closed book: the plain decoder, generation loss only
         h = prompt_through(params, cfg, h_q, mask, None, 0)
         lp, rvalid = _response_logprobs(params, cfg, h, tokens, batch["loss_mask"], sc.r_len)
         gen_sum, n_tok = losses.generation_nll(lp, rvalid)
-        gen = gen_sum / jnp.maximum(n_tok, 1.0)
+        gen = (gen_sum + free_sum) / jnp.maximum(n_tok + free_n, 1.0)
         z = jnp.zeros((), jnp.float32)
-        return gen, {"gen_nll": gen, "n_tokens": n_tok, "n_ret_examples": z, "cand_top1_is_pos": z, "ret_loss": z,
-                     "loss": gen}
+        return gen, {"gen_nll": gen, "n_tokens": n_tok + free_n, "n_ret_examples": z, "cand_top1_is_pos": z,
+                     "ret_loss": z, "loss": gen}
     valid = (pmask.sum(-1) > 0) & (batch["passage_ids"] >= 0)  # [B, k]
-    example_mask = (~rf) & valid.any(-1)
+    example_mask = valid.any(-1)
 
     # bottom group: each candidate alone (the prompt's ran above)
     flat_t, flat_m = batch["passages"].reshape(B * k, L), pmask.reshape(B * k, L)
@@ -170,9 +190,10 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
     h = prompt_through(params, cfg, h_q, mask, pkv, prompt_offset(cfg, k, L), bias)
     lp, rvalid = _response_logprobs(params, cfg, h, tokens, batch["loss_mask"], sc.r_len)
     gen_sum, n_tok = losses.generation_nll(lp, rvalid)
-    gen = gen_sum / jnp.maximum(n_tok, 1.0)
+    gen = (gen_sum + free_sum) / jnp.maximum(n_tok + free_n, 1.0)  # every response token of the batch weighs the same
 
-    metrics = {"gen_nll": gen, "n_tokens": n_tok, "n_ret_examples": example_mask.sum().astype(jnp.float32)}
+    metrics = {"gen_nll": gen, "n_tokens": n_tok + free_n,
+               "n_ret_examples": example_mask.sum().astype(jnp.float32)}
     if mined is not None:
         metrics["mined_per_example"] = mined.sum() / jnp.maximum(example_mask.sum(), 1)
     pos = (batch["positives"] > 0) & valid
@@ -235,7 +256,7 @@ def train_step(state, batch, bias_scale, index=None, *, cfg: ModelConfig, sc: St
     """
     params = state["params"]
     grad_fn = jax.value_and_grad(partial(loss_fn, cfg=cfg, sc=sc, stage=stage, index=index), has_aux=True)
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    batch = {k: batch[k] for k in step_keys(batch)}
     if sc.accum == 1:
         (_, metrics), grads = grad_fn(params, batch=batch, bias_scale=bias_scale)
     else:

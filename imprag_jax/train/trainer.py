@@ -22,7 +22,7 @@ from ..model.sharding import make_mesh
 from . import config_lib
 from .losses import stage_at
 from .state import compile_step, create_state, memory_report, state_shardings
-from .step import BATCH_KEYS, make_optimizer
+from .step import make_optimizer, step_keys
 
 
 def log(msg: str):
@@ -81,7 +81,7 @@ def load_model(c, tokenizer_vocab: Optional[int]):
 
 def _global_batch(batch: Dict[str, np.ndarray], shardings) -> Dict[str, jax.Array]:
     out = {}
-    for k in BATCH_KEYS:
+    for k in step_keys(batch):
         x = np.asarray(batch[k])
         if jax.process_count() == 1:
             out[k] = jax.device_put(x, shardings[k])
@@ -131,7 +131,7 @@ def evaluate(params, cfg: ModelConfig, c, data_dir: str, tokenizer, *, tasks, li
         for mode in modes:  # every k of a mode in one pass over the data
             mode_ks = {"imprag": list(ks), "oracle": [1], "closed_book": [0]}.get(mode, [max(ks)])
             rows += evaluate_modes(params, cfg, data_dir, task, tokenizer, retriever, split=c.eval.split, mode=mode,
-                                   ks=mode_ks, L_q=c.data.L_q, l_max=c.data.l_max,
+                                   ks=mode_ks, L_q=config_lib.eval_L_q(c), l_max=c.data.l_max,
                                    max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size, limit=limit,
                                    use_score_bias=c.eval.score_bias, add_bos=bool(c.data.add_bos))
     return rows
@@ -205,7 +205,8 @@ def train(c, workdir: str) -> Dict:
     data = TrainBatches(ddir, tokenizer, bcfg, jax.process_index(), jax.process_count(), prefetch=c.data.prefetch)
     probe = data.batch(0)
     k_read = 0 if T.closed_book else bcfg.k
-    shapes = {k: ((probe[k].shape[0] * jax.process_count(),) + probe[k].shape[1:], probe[k].dtype) for k in BATCH_KEYS}
+    shapes = {k: ((probe[k].shape[0] * jax.process_count(),) + probe[k].shape[1:], probe[k].dtype)
+              for k in step_keys(probe)}
     for key in ("passages", "passage_mask"):
         shapes[key] = ((shapes[key][0][0], k_read) + shapes[key][0][2:], shapes[key][1])
     for key in ("passage_ids", "positives"):
@@ -263,7 +264,9 @@ def train(c, workdir: str) -> Dict:
     writer = MetricWriter(workdir)
     stopper = _Stop()
     B_glob, L_tok = shapes["mask"][0]
-    tokens_per_step = int(B_glob * (L_tok + k_read * bcfg.l_max))  # prompt+response and passage slots
+    Bf_glob, Lf_tok = shapes["free_mask"][0] if "free_mask" in shapes else (0, 0)
+    # token slots processed per step: retrieval rows (prompt+response and passage slots) and retrieval-free rows
+    tokens_per_step = int(B_glob * (L_tok + k_read * bcfg.l_max) + Bf_glob * Lf_tok)
     pbar = tqdm(total=T.steps, initial=start, desc="train", dynamic_ncols=True,
                 disable=jax.process_index() != 0 or not os.isatty(2) and os.environ.get("IMPRAG_PROGRESS") != "1",
                 mininterval=2.0)
