@@ -5,6 +5,13 @@ HotpotQA held out as unseen formats). Sized for one GPU; `:smoke` runs a few ste
   python -m imprag_jax.train --config configs/smollm2.py:smoke --workdir /tmp/smollm2_smoke
 
 The mini-KILT is prepared from `data.source` (../shared/data) into <workdir>/data on first use.
+
+Arguments (comma-separated, combinable):
+  smoke        a few steps at toy shapes (tests)
+  cpu          sized for a 2-core CPU in minutes: a `--limit`-prepared mini-KILT (set data.dir), fp32, k = 4
+               passages of 64 tokens, 4 + 2 rows per step, 60 steps, 100 evaluation examples per task
+  closed_book  no passages in training or evaluation (SmolLM2 fine-tuned on the same questions)
+  ra_it        RA-IT: the BM25 top k in context through every layer (b = 0, t = N-1), no retrieval loss
 """
 import os
 import sys
@@ -31,13 +38,29 @@ def get_config(arg: str = ""):
                         eval_every=0))
     c.eval.update(dict(tasks="nq,squad,trex,scifact,hotpotqa", k="10", limit=500, max_new_tokens=16,
                        batch_size=32, modes="imprag", dev_tasks="nq", dev_limit=200))
-    for a in [x for x in arg.split(",") if x]:
-        if a == "smoke":
+    for a in sorted([x for x in arg.split(",") if x], key=lambda x: x not in ("smoke", "cpu")):  # sizes first
+        if a == "cpu":
+            c.model.update(dict(dtype="float32", remat="none"))
+            c.data.update(dict(kind="prepared", batch_size=4, free_batch_size=2, k=4, n_pos=1, n_neg=3, l_max=64,
+                               L_q=48, L_r=12, L_free=160, L_free_r=24, prefetch=1))
+            c.train.update(dict(steps=60, warmup_steps=6, lr=3e-5, log_every=5, ckpt_every=30, warmup_share=0.5))
+            c.eval.update(dict(k="4", limit=100, max_new_tokens=12, batch_size=20, L_q=64))
+        elif a == "closed_book":
+            c.name = "smollm2_closed_book"
+            c.train.update(dict(closed_book=True, stages="none"))
+            c.eval.update(dict(modes="closed_book", k="0"))
+        elif a == "ra_it":
+            c.name = "smollm2_ra_it"
+            c.model.update(dict(b=0, t=c.model.num_layers - 1, passage_attention="joint"))
+            c.train.stages = "none"
+            c.data.update(dict(positives="pseudo", n_pos=c.data.k, n_neg=0))  # candidates = the BM25 top k
+            c.eval.update(dict(modes="bm25", k=str(c.data.k)))
+        elif a == "smoke":
             c.model.update(dict(dtype="float32", remat="none"))
             c.data.update(dict(batch_size=2, free_batch_size=2, k=2, n_pos=1, n_neg=1, l_max=32, L_q=32, L_r=8,
                                L_free=64, L_free_r=8))
             c.train.update(dict(steps=3, warmup_steps=1, log_every=1, ckpt_every=0, warmup_share=0.34))
             c.eval.update(dict(tasks="nq", k="2", limit=4, max_new_tokens=4, batch_size=4))
         else:
-            raise ValueError(f"unknown config argument {a!r} (known: smoke)")
+            raise ValueError(f"unknown config argument {a!r} (known: smoke, cpu, closed_book, ra_it)")
     return c

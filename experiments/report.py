@@ -21,18 +21,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic import ROWS  # noqa: E402
 
-TASKS = [("qa", "QA (seen)"), ("slot_filling", "slot filling"), ("fact_verification", "fact verif."),
-         ("entity_linking", "entity linking")]
+SYNTHETIC_TASKS = [("qa", "QA (seen)"), ("slot_filling", "slot filling"), ("fact_verification", "fact verif."),
+                   ("entity_linking", "entity linking")]
+SMOLLM2_TASKS = [("nq", "NQ (seen)"), ("squad", "SQuAD (seen)"), ("trex", "T-REx"), ("scifact", "SciFact"),
+                 ("hotpotqa", "HotpotQA")]
+TASKS = SYNTHETIC_TASKS
 
 
 def pick(evals: list, task: str):
-    """(EM, gold recall@5) of the row's main reading mode for `task`: ImpRAG top-1, else bm25, else closed-book."""
+    """(EM or accuracy, gold recall@5) of the row's main reading mode for `task`: ImpRAG with its smallest k, else
+    bm25, else closed-book."""
     rows = [e for e in evals if e["task"] == task]
-    for mode, k in (("imprag", 1), ("bm25", None), ("closed_book", None)):
-        c = [e for e in rows if e["mode"] == mode and (k is None or e["k"] == k)]
+    for mode in ("imprag", "bm25", "closed_book"):
+        c = sorted([e for e in rows if e["mode"] == mode], key=lambda e: e["k"])
         if c:
             e = c[0]
-            return e.get("em", e.get("accuracy")), e.get("gold_recall@5")
+            return (e["accuracy"] if e.get("accuracy") is not None else e.get("em")), e.get("gold_recall@5")
     return None, None
 
 
@@ -44,6 +48,14 @@ def fmt(vals: list) -> str:
     if len(vals) == 1:
         return f"{m:.3f}"
     return f"{m:.3f} ({min(vals):.3f}–{max(vals):.3f})"
+
+
+def row_names(runs: dict) -> list:
+    """Rows in the runners' order (synthetic first, then SmolLM2), then any others."""
+    import smollm2
+
+    order = list(ROWS) + [r for r in smollm2.ROWS if r not in ROWS]
+    return [r for r in order if r in runs] + sorted(r for r in runs if r not in order)
 
 
 def load(out: str) -> dict:
@@ -62,9 +74,7 @@ def table(runs: dict) -> str:
     head = "| row | seeds | steps | " + " | ".join(f"{n} EM | {n} R@5" for _, n in TASKS) + " | train s / run |"
     sep = "|" + "---|" * (4 + 2 * len(TASKS))
     lines = [head, sep]
-    for row in ROWS:
-        if row not in runs:
-            continue
+    for row in row_names(runs):
         rs = list(runs[row].values())
         cells = []
         for task, _ in TASKS:
@@ -82,7 +92,7 @@ def plot(runs: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in ROWS if r in runs]
+    rows = row_names(runs)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     w = 0.8 / len(TASKS)
     for a, (what, idx) in zip(axes, (("EM", 0), ("gold recall@5", 1))):
@@ -98,7 +108,8 @@ def plot(runs: dict, path: str) -> None:
         a.set_xticks(np.arange(len(rows)) + 0.4 - w / 2)
         a.set_xticklabels(rows, rotation=35, ha="right", fontsize=8)
         a.set_ylim(0, 1.05)
-        a.set_title(f"synthetic world, held-out people: {what}")
+        a.set_title(("SmolLM2, mini-KILT dev" if TASKS is SMOLLM2_TASKS else "synthetic world, held-out people")
+                    + f": {what}")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -109,7 +120,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "experiments"))
     ap.add_argument("--md", default="", help="also write the table here")
     ap.add_argument("--png", default="", help="bar plot of EM and recall@5 per row and task")
+    ap.add_argument("--smollm2", action="store_true", help="the SmolLM2 mini-KILT tasks (experiments/smollm2.py)")
     a = ap.parse_args(argv)
+    global TASKS
+    TASKS = SMOLLM2_TASKS if a.smollm2 else SYNTHETIC_TASKS
     runs = load(a.out)
     md = table(runs)
     print(md)

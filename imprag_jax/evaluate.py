@@ -32,7 +32,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "The training run directory.")
 flags.DEFINE_string("tasks", None, "Comma-separated tasks (default: the config's eval.tasks).")
-flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: the latest); 0 = the config's initial "
+                     "(pretrained) weights, no training run needed (e.g. a zero-shot baseline).")
 flags.DEFINE_string("modes", None, "Comma-separated of imprag,oracle,closed_book,bm25 (default: eval.modes).")
 flags.DEFINE_string("k", None, "Comma-separated passages to read (default: eval.k).")
 flags.DEFINE_integer("limit", None, "Examples per task (default: eval.limit; 0 = all).")
@@ -163,7 +164,15 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise RunError(f"unknown mode(s) {bad or modes}; choose from {', '.join(MODES)}")
-    params, step, cfg = restore_params(workdir, step)
+    if step is not None and int(step) == 0:  # the initial weights of the config (a pretrained model, untrained)
+        if c.model.init == "random":
+            raise RunError("--checkpoint 0 evaluates the config's initial weights, but model.init is 'random'")
+        from .train.trainer import load_model
+
+        cfg, params, _ = load_model(c, None)
+        step = 0
+    else:
+        params, step, cfg = restore_params(workdir, step)
     data_dir = run_data_dir(c, workdir)
     have = available_tasks(data_dir, split)
     missing = [t for t in tasks if t not in have]

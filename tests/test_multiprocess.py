@@ -25,7 +25,7 @@ world_dir, workdir, stop_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 c = synthetic.get_config()
 c.data.dir = world_dir
 c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0))
-c.data.update(dict(batch_size=14, free_batch_size=2, L_q=64, prefetch=0))
+c.data.update(dict(batch_size=16, free_batch_size=8, prefetch=0))
 c.train.update(dict(steps=6, warmup_steps=2, log_every=1, ckpt_every=0, time_budget_s=0.0, lr=3e-3,
                     stages="warmup", stop_at_step=stop_at))  # one program: NCE over the global batch
 c.eval.update(dict(modes="", limit=16))

@@ -191,6 +191,12 @@ def train(c, workdir: str) -> Dict:
         mesh = make_mesh(**dict(c.mesh))
     except ValueError as e:  # "... needs 16 devices but 8 are visible ...; did you start every host?"
         raise config_lib.ConfigError(str(e)) from None
+    if jax.process_count() > 1:  # each host feeds its own rows: every kind of row must split evenly over the shards
+        shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        for name, n in (("data.batch_size", c.data.batch_size), ("data.free_batch_size", c.data.free_batch_size)):
+            if n % shards:
+                raise config_lib.ConfigError(f"{name}={n} must be divisible by the batch shards (mesh data x fsdp = "
+                                             f"{shards}) in a multi-process run")
     rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) for r in c.rules)
     T = c.train
     tx, sched = make_optimizer(T.lr, T.steps, T.warmup_steps, end_lr_ratio=T.end_lr_ratio,

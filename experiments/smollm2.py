@@ -1,0 +1,106 @@
+"""SmolLM2-135M-Instruct on a real mini-KILT: one command per table row, sized for a CPU (`configs/smollm2.py:cpu`).
+
+    python experiments/smollm2.py ROW [--limit 200] [--steps N] [--out runs/experiments_smollm2]
+    python experiments/smollm2.py --list
+
+The mini-KILT is prepared once into `OUT/minikilt_limit{L}` (`python -m imprag_jax.data.prepare --limit L`:
+at most L records per source file, so the corpus is a few thousand passages and the index fits a CPU evaluation)
+with the retrieval-free training tasks (SQuAD with its passage, phrase denoising, sentence generation, plain text).
+Rows starting with `zs_` evaluate the pretrained model as it is (`evaluate --checkpoint 0`); the others fine-tune
+it for `--steps` steps (`configs/smollm2.py:cpu[,closed_book|,ra_it]`) and evaluate the result. Seen formats:
+NQ, SQuAD (dev); unseen: T-REx slot filling, SciFact true/false, HotpotQA. Summary lines go to
+`OUT/results.jsonl` (the same layout as experiments/synthetic.py; `experiments/report.py --smollm2` reads it).
+On the GPU, drop `:cpu` and the limit: `python -m imprag_jax.train --config configs/smollm2.py --workdir W`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = "nq,squad,trex,scifact,hotpotqa"
+# row: (config arguments, evaluate the initial weights?, what it is)
+ROWS = {
+    "zs_closed_book": ("cpu,closed_book", True, "SmolLM2-Instruct as it is, no passages"),
+    "zs_bm25": ("cpu,ra_it", True, "SmolLM2-Instruct as it is, the BM25 top 4 in context"),
+    "zs_imprag": ("cpu", True, "SmolLM2-Instruct as it is, read as ImpRAG (its own layer-7 retrieval, untrained)"),
+    "closed_book": ("cpu,closed_book", False, "fine-tuned without passages"),
+    "ra_it": ("cpu,ra_it", False, "RA-IT: fine-tuned with the BM25 top 4 in context"),
+    "imprag": ("cpu", False, "ImpRAG: NCE warmup then self-distillation, retrieval-free rows mixed in"),
+}
+
+
+def prepare(out: str, limit: int) -> str:
+    d = os.path.join(out, f"minikilt_limit{limit}")
+    if not os.path.exists(os.path.join(d, "stats.json")):
+        cmd = [sys.executable, "-m", "imprag_jax.data.prepare", "--source", os.path.join(ROOT, "..", "shared", "data"),
+               "--out", d, "--limit", str(limit), "--free_per_task", str(3 * limit), "--no_progress"]
+        print("[experiments] " + " ".join(cmd), flush=True)
+        subprocess.check_call(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return d
+
+
+def row_command(row: str, data: str, wd: str, steps: int) -> list:
+    args, zero_shot, _ = ROWS[row]
+    cfg = os.path.join(ROOT, "configs", "smollm2.py") + ":" + args
+    common = [f"--config.data.dir={data}", f"--config.eval.tasks={TASKS}"]
+    if zero_shot:
+        return [sys.executable, "-m", "imprag_jax.evaluate", "--config", cfg, "--workdir", wd, "--checkpoint", "0",
+                "--noplot"] + common
+    return [sys.executable, "-m", "imprag_jax.train", "--config", cfg, "--workdir", wd] + common + (
+        [f"--config.train.steps={steps}"] if steps else [])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("row", nargs="?")
+    ap.add_argument("--limit", type=int, default=200, help="records per source file in the mini-KILT")
+    ap.add_argument("--steps", type=int, default=0, help="fine-tuning steps (0: the config's)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "experiments_smollm2"))
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--dry_run", action="store_true")
+    a = ap.parse_args(argv)
+    if a.list or not a.row:
+        for name, (_, _, what) in ROWS.items():
+            print(f"{name:16s} {what}")
+        return 0 if a.list else 2
+    if a.row not in ROWS:
+        print(f"error: unknown row {a.row!r}; known: {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    out = os.path.abspath(a.out)
+    wd = os.path.join(out, a.row)
+    data = os.path.join(out, f"minikilt_limit{a.limit}")
+    cmd = row_command(a.row, data, wd, a.steps)
+    if a.dry_run:
+        print(" ".join(cmd))
+        return 0
+    os.makedirs(wd, exist_ok=True)
+    prepare(out, a.limit)
+    print("[experiments] " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    if rc != 0:
+        print(f"[experiments] {a.row} failed (exit {rc})", file=sys.stderr)
+        return rc
+    zero_shot = ROWS[a.row][1]
+    with open(os.path.join(wd, "eval", "report.json" if zero_shot else "final.json")) as f:
+        res = json.load(f)
+    rows = res.get("eval") or res.get("rows") or []
+    line = dict(row=a.row, seed=0, steps=0 if zero_shot else res["step"],
+                train_seconds=0.0 if zero_shot else res["train_seconds"], wall_seconds=time.time() - t0,
+                machine=f"{platform.machine()} {os.cpu_count()} cpu", date=time.strftime("%Y-%m-%d"),
+                command=" ".join(["python", "experiments/smollm2.py", a.row, f"--limit={a.limit}"] +
+                                 ([f"--steps={a.steps}"] if a.steps else [])), eval=rows)
+    with open(os.path.join(out, "results.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(f"[experiments] {a.row}: {time.time() - t0:.0f}s; appended to {os.path.join(out, 'results.jsonl')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
