@@ -18,8 +18,22 @@ from collections import defaultdict
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic import ROWS  # noqa: E402
+
+
+def _sibling(name: str):
+    """experiments/<name>.py by path (configs/ has modules of the same names)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"imprag_experiments_{name}",
+                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                               f"{name}.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+ROWS = _sibling("synthetic").ROWS
+SMOLLM2_ROWS = _sibling("smollm2").ROWS
 
 SYNTHETIC_TASKS = [("qa", "QA (seen)"), ("slot_filling", "slot filling"), ("fact_verification", "fact verif."),
                    ("entity_linking", "entity linking")]
@@ -52,9 +66,7 @@ def fmt(vals: list) -> str:
 
 def row_names(runs: dict) -> list:
     """Rows in the runners' order (synthetic first, then SmolLM2), then any others."""
-    import smollm2
-
-    order = list(ROWS) + [r for r in smollm2.ROWS if r not in ROWS]
+    order = list(ROWS) + [r for r in SMOLLM2_ROWS if r not in ROWS]
     return [r for r in order if r in runs] + sorted(r for r in runs if r not in order)
 
 
@@ -71,7 +83,8 @@ def load(out: str) -> dict:
 
 
 def table(runs: dict) -> str:
-    head = "| row | seeds | steps | " + " | ".join(f"{n} EM | {n} R@5" for _, n in TASKS) + " | train s / run |"
+    em = lambda t: "acc." if t in ("fact_verification", "scifact") else "EM"  # noqa: E731  true/false tasks
+    head = "| row | seeds | steps | " + " | ".join(f"{n} {em(t)} | {n} R@5" for t, n in TASKS) + " | train s / run |"
     sep = "|" + "---|" * (4 + 2 * len(TASKS))
     lines = [head, sep]
     for row in row_names(runs):

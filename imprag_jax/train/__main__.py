@@ -1,5 +1,4 @@
 """python -m imprag_jax.train --config configs/X.py[:arg] --workdir W [--config.a.b=v ...]"""
-import os
 import sys
 
 from absl import app, flags

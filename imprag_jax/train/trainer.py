@@ -409,7 +409,6 @@ def parse(s):
 
 def _drop_passages(b):
     b = dict(b)
-    B = b["passages"].shape[0]
     b["passages"] = b["passages"][:, :0]
     b["passage_mask"] = b["passage_mask"][:, :0]
     b["passage_ids"] = b["passage_ids"][:, :0]

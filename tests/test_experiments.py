@@ -1,0 +1,75 @@
+"""The experiment runners: every row names real config arguments and keys; the report builds its table."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+
+def _check_overrides(c, overrides):
+    for o in overrides:
+        assert o.startswith("--config.") and "=" in o, o
+        path, _ = o[len("--config."):].split("=", 1)
+        node = c
+        for part in path.split("."):
+            assert part in node, f"{o}: no config key {path}"
+            node = node[part]
+
+
+@pytest.fixture(scope="module")
+def runners():
+    import importlib.util
+
+    mods = {}
+    for name in ("synthetic", "smollm2", "report"):
+        spec = importlib.util.spec_from_file_location(f"exp_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+        m = importlib.util.module_from_spec(spec)
+        sys.modules[f"exp_{name}"] = m
+        spec.loader.exec_module(m)
+        mods[name] = m
+    return mods
+
+
+def _config(file, args):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"cfg_{file}", os.path.join(ROOT, "configs", f"{file}.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m.get_config(args)
+
+
+def test_every_row_builds_its_config_and_overrides_existing_keys(runners, tmp_path):
+    syn, sm = runners["synthetic"], runners["smollm2"]
+    for row, (args, overrides, _) in syn.ROWS.items():
+        c = _config("synthetic", args)
+        _check_overrides(c, overrides + syn.EVAL)
+        cmd = syn.row_command(row, 0, 1800, str(tmp_path), str(tmp_path / "world"))
+        assert "--config.train.steps=1800" in cmd and "--config.seed=0" in cmd
+        if any("qa_templates" in o for o in overrides):  # another world, another directory
+            assert any(x.endswith("world_q3") for x in cmd)
+    for row, (args, zero_shot, _) in sm.ROWS.items():
+        c = _config("smollm2", args)
+        assert c.data.batch_size == 4 and c.data.L_free == 160  # the cpu sizes
+        cmd = sm.row_command(row, str(tmp_path / "d"), str(tmp_path / row), 0)
+        assert ("--checkpoint" in cmd) == zero_shot
+
+
+def test_report_table_means_and_spreads(runners, tmp_path):
+    rep = runners["report"]
+    ev = lambda em, r5: [{"task": "qa", "mode": "imprag", "k": 1, "em": em, "gold_recall@5": r5},  # noqa: E731
+                         {"task": "qa", "mode": "imprag", "k": 5, "em": 0.0, "gold_recall@5": r5}]
+    lines = [dict(row="warmup_only", seed=s, steps=1800, train_seconds=100.0, eval=ev(em, 1.0))
+             for s, em in ((0, 0.9), (1, 0.7))]
+    lines.append(dict(row="closed_book", seed=0, steps=1800, train_seconds=50.0,
+                      eval=[{"task": "qa", "mode": "closed_book", "k": 0, "em": 0.03}]))
+    with open(tmp_path / "results.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+    runs = rep.load(str(tmp_path))
+    table = rep.table(runs)
+    assert "| closed_book | 1 | 1800 | 0.030 | – |" in table
+    assert "| warmup_only | 2 | 1800 | 0.800 (0.700–0.900) | 1.000 (1.000–1.000) |" in table  # k = 1 is read
+    assert table.index("closed_book") < table.index("warmup_only")  # the runner's row order
