@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _runner import check_row, record  # noqa: E402
 TASKS = "nq,squad,trex,scifact,hotpotqa"
 # row: (config arguments, evaluate the initial weights?, what it is)
 ROWS = {
@@ -65,13 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--dry_run", action="store_true")
     a = ap.parse_args(argv)
-    if a.list or not a.row:
-        for name, (_, _, what) in ROWS.items():
-            print(f"{name:16s} {what}")
-        return 0 if a.list else 2
-    if a.row not in ROWS:
-        print(f"error: unknown row {a.row!r}; known: {', '.join(ROWS)}", file=sys.stderr)
-        return 2
+    rc = check_row(a, ROWS)
+    if rc is not None:
+        return rc
     out = os.path.abspath(a.out)
     wd = os.path.join(out, a.row)
     data = os.path.join(out, f"minikilt_limit{a.limit}")
@@ -90,15 +87,10 @@ def main(argv=None) -> int:
     zero_shot = ROWS[a.row][1]
     with open(os.path.join(wd, "eval", "report.json" if zero_shot else "final.json")) as f:
         res = json.load(f)
-    rows = res.get("eval") or res.get("rows") or []
-    line = dict(row=a.row, seed=0, steps=0 if zero_shot else res["step"],
-                train_seconds=0.0 if zero_shot else res["train_seconds"], wall_seconds=time.time() - t0,
-                machine=f"{platform.machine()} {os.cpu_count()} cpu", date=time.strftime("%Y-%m-%d"),
-                command=" ".join(["python", "experiments/smollm2.py", a.row, f"--limit={a.limit}"] +
-                                 ([f"--steps={a.steps}"] if a.steps else [])), eval=rows)
-    with open(os.path.join(out, "results.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
-    print(f"[experiments] {a.row}: {time.time() - t0:.0f}s; appended to {os.path.join(out, 'results.jsonl')}")
+    record(out, row=a.row, seed=0, steps=0 if zero_shot else res["step"],
+           train_seconds=0.0 if zero_shot else res["train_seconds"], wall_seconds=time.time() - t0,
+           command=["python", "experiments/smollm2.py", a.row, f"--limit={a.limit}"] + (
+               [f"--steps={a.steps}"] if a.steps else []), evals=res.get("eval") or res.get("rows") or [])
     return 0
 
 

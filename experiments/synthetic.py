@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _runner import check_row, record  # noqa: E402
 
 # Every row: (config arguments, --config overrides, what it tests). Evaluation: QA is the seen format;
 # slot filling, fact verification and entity linking are formats never trained with retrieval.
@@ -74,13 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--dry_run", action="store_true", help="print the command and exit")
     a = ap.parse_args(argv)
-    if a.list or not a.row:
-        for name, (args, ov, what) in ROWS.items():
-            print(f"{name:16s} {what}")
-        return 0 if a.list else 2
-    if a.row not in ROWS:
-        print(f"error: unknown row {a.row!r}; known: {', '.join(ROWS)}", file=sys.stderr)
-        return 2
+    rc = check_row(a, ROWS)
+    if rc is not None:
+        return rc
     out = os.path.abspath(a.out)
     world = os.path.join(out, "world")
     cmd = row_command(a.row, a.seed, a.steps, out, world)
@@ -115,19 +112,13 @@ def _recorded(out: str, row: str, seed: int) -> bool:
 
 
 def _record(out: str, a, final: str, wall) -> None:
-    """One summary line per finished run in OUT/results.jsonl (what experiments/report.py reads)."""
     with open(final) as f:
         res = json.load(f)
-    command = ["python", "experiments/synthetic.py", a.row, f"--seed={a.seed}", f"--steps={a.steps}"]
-    line = dict(row=a.row, seed=a.seed, steps=res["step"], train_seconds=res["train_seconds"], wall_seconds=wall,
-                machine=f"{platform.machine()} {os.cpu_count()} cpu", date=time.strftime("%Y-%m-%d"),
-                command=" ".join(command), eval=res["eval"],
-                final_metrics={k: v for k, v in res["metrics"].items()
-                               if k in ("gen_nll", "nce", "kl", "steps_per_s", "tokens_per_s")})
-    with open(os.path.join(out, "results.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
-    print(f"[experiments] {a.row} seed {a.seed}: {res['step']} steps, {res['train_seconds']:.0f}s training; "
-          f"appended to {os.path.join(out, 'results.jsonl')}")
+    record(out, row=a.row, seed=a.seed, steps=res["step"], train_seconds=res["train_seconds"], wall_seconds=wall,
+           command=["python", "experiments/synthetic.py", a.row, f"--seed={a.seed}", f"--steps={a.steps}"],
+           evals=res["eval"], final_metrics={k: v for k, v in res["metrics"].items()
+                                             if k in ("gen_nll", "nce", "kl", "steps_per_s", "tokens_per_s")})
+
 
 if __name__ == "__main__":
     sys.exit(main())

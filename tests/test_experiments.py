@@ -73,3 +73,18 @@ def test_report_table_means_and_spreads(runners, tmp_path):
     assert "| closed_book | 1 | 1800 | 0.030 | – |" in table
     assert "| warmup_only | 2 | 1800 | 0.800 (0.700–0.900) | 1.000 (1.000–1.000) |" in table  # k = 1 is read
     assert table.index("closed_book") < table.index("warmup_only")  # the runner's row order
+
+
+def test_a_finished_run_is_recorded_once(runners, tmp_path):
+    syn = runners["synthetic"]
+    final = tmp_path / "warmup_only" / "seed3" / "eval" / "final.json"
+    final.parent.mkdir(parents=True)
+    final.write_text(json.dumps({"step": 7, "train_seconds": 1.5, "eval": [{"task": "qa"}],
+                                 "metrics": {"gen_nll": 0.5, "lr": 1e-3}}))
+    for _ in range(2):  # "already done": recorded the first time only
+        assert syn.main(["warmup_only", "--seed", "3", "--out", str(tmp_path)]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "results.jsonl")]
+    assert len(lines) == 1 and lines[0]["row"] == "warmup_only" and lines[0]["seed"] == 3
+    assert lines[0]["final_metrics"] == {"gen_nll": 0.5} and lines[0]["steps"] == 7
+    assert lines[0]["command"] == "python experiments/synthetic.py warmup_only --seed=3 --steps=1800"
+    assert syn.main(["nope"]) == 2 and syn.main(["--list"]) == 0

@@ -153,9 +153,9 @@ def data_dir(c, workdir: str) -> str:
     elif os.path.exists(os.path.join(d, "world.json")):  # an existing world must be the one the config asks for
         with open(os.path.join(d, "world.json")) as f:
             have = json.load(f).get("config", {})
-        # the seed and the question phrasings decide what a run trains on; a smaller or larger world than
-        # data.people is allowed (tests and quick runs point data.dir at small worlds)
-        diff = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v and k != "n_people"}
+        # the seed and the question phrasings decide what a run trains on; another size than data.people is
+        # allowed (tests and quick runs point data.dir at small worlds)
+        diff = {k: (have[k], want[k]) for k in ("seed", "qa_templates") if k in have and have[k] != want[k]}
         if diff:
             _fail(f"data.dir={d} holds a synthetic world generated with "
                   + ", ".join(f"{k}={a}" for k, (a, _) in diff.items()) + " but the config asks for "
