@@ -91,6 +91,9 @@ class Shape:
     L_r: int
     l: int
     plain_T: Optional[int] = None  # plain step sequence length (default: the same tokens, k*l + L_q + L_r)
+    Bf: int = 0  # retrieval-free rows per step (the ImpRAG steps only): Lf tokens each, the last Lfr scored
+    Lf: int = 0
+    Lfr: int = 0
 
     @property
     def L(self) -> int:
@@ -104,7 +107,7 @@ class Shape:
         """Tokens one step processes (the ImpRAG steps and the same-token plain step: B (k l + L))."""
         if step.startswith("plain"):
             return self.B * self.T
-        return self.B * (self.k * self.l + self.L)
+        return self.B * (self.k * self.l + self.L) + self.Bf * self.Lf
 
 
 def model_config(name: str, dtype: Optional[str] = None, **kw):
@@ -202,6 +205,11 @@ def flops_breakdown(cfg, shape: Shape, step: str, impl: bool = False, ce_chunk: 
         out["teacher_prompt_layers"] = B * k * L * (nm + nt) * lin
         out["teacher_prompt_attention"] = B * k * ((nm + nt) * C(L) + nm * L * l) * att
         out["teacher_lm_head"] = B * k * r * head
+    if shape.Bf:  # retrieval-free rows: the plain decoder over Lf tokens, Lfr of them scored
+        Bf, Lf = shape.Bf, shape.Lf
+        out["free_rows_layers"] = remat * Bf * Lf * (nb + nm + nt) * lin
+        out["free_rows_attention"] = remat * Bf * (nb + nm + nt) * C(Lf) * att
+        out["free_rows_lm_head"] = 3.0 * Bf * shape.Lfr * head
     return out
 
 
@@ -234,8 +242,14 @@ def random_batch(shape: Shape, vocab: int, seed: int = 0) -> Dict[str, np.ndarra
     ids = np.arange(B * k, dtype=np.int32).reshape(B, k)
     positives = np.zeros((B, k), np.int32)
     positives[:, :max(1, k // 2)] = 1
-    return {"tokens": tokens, "mask": mask, "prompt_mask": prompt_mask, "loss_mask": loss_mask,
-            "passages": passages, "passage_mask": pmask, "passage_ids": ids, "positives": positives}
+    out = {"tokens": tokens, "mask": mask, "prompt_mask": prompt_mask, "loss_mask": loss_mask,
+           "passages": passages, "passage_mask": pmask, "passage_ids": ids, "positives": positives}
+    if shape.Bf:
+        out["free_tokens"] = rng.integers(1, vocab, (shape.Bf, shape.Lf), dtype=np.int32)
+        out["free_mask"] = np.ones((shape.Bf, shape.Lf), np.int32)
+        out["free_loss_mask"] = np.zeros((shape.Bf, shape.Lf), np.int32)
+        out["free_loss_mask"][:, shape.Lf - shape.Lfr:] = 1
+    return out
 
 
 def plain_batch(shape: Shape, vocab: int, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -624,6 +638,7 @@ def run_cpu(args) -> dict:
 
 # ================================================================================================ GPU suite
 # variant grammar: "<plain|warmup|distill>:key=value,..."  keys: B, T (plain), k, L_q, L_r, l, remat
+# Bf, Lf, Lfr (ImpRAG steps: retrieval-free rows of Lf tokens, the last Lfr scored, as the training configs mix in)
 # (none|full|dots|dots_no_batch), attn (xla | cudnn = the library's path | cudnn_causal = the prototype above, as
 # the proposed library change | cudnn_causal_all = also the joint middle group),
 # ce (full | chunk size, plain only), donate (1|0)
@@ -642,6 +657,19 @@ GPU_SUITE = (  # priority order: what is left when the budget runs out is skippe
     "distill:B=4,remat=dots_no_batch,attn=cudnn_causal",
     "plain:B=4,T=2048,remat=full,attn=xla,donate=0",                  # donation
 )
+
+# the SmolLM2 training step as configs/smollm2.py runs it on a GPU (64 retrieval rows with k = 10 passages of 128
+# tokens, 64 + 16 prompt/response tokens, 16 retrieval-free rows of 224 tokens; remat dots_no_batch, XLA
+# attention), both stages, then the cuDNN attention levers
+SMOLLM2_ROW = "B=64,Bf=16,Lf=224,Lfr=32,remat=dots_no_batch"
+SMOLLM2_GPU_SUITE = (
+    f"warmup:{SMOLLM2_ROW},attn=xla",
+    f"distill:{SMOLLM2_ROW},attn=xla",
+    f"warmup:{SMOLLM2_ROW},attn=cudnn_causal",
+    f"distill:{SMOLLM2_ROW},attn=cudnn_causal",
+    "warmup:B=64,remat=dots_no_batch,attn=xla",                       # without the retrieval-free rows
+)
+GPU_SUITES = {"smollm2": SMOLLM2_GPU_SUITE}
 
 
 def parse_variant(spec: str) -> dict:
@@ -663,15 +691,17 @@ def run_variant(v: dict, base: str, steps: int, dry: bool, info: dict) -> dict:
 
     from imprag_jax.model.sharding import make_mesh
     from imprag_jax.train.state import compile_step, create_state
-    from imprag_jax.train.step import BATCH_KEYS, StepConfig, make_optimizer
+    from imprag_jax.train.step import StepConfig, make_optimizer, step_keys
 
     B0, k0, Lq0, Lr0, l0 = DEFAULT_GEOMETRY[base]
     kind = v["kind"]
     shape = Shape(base, int(v.get("B", B0)), int(v.get("k", k0)), int(v.get("L_q", Lq0)), int(v.get("L_r", Lr0)),
-                  int(v.get("l", l0)), int(v["T"]) if (kind == "plain" and "T" in v) else None)
+                  int(v.get("l", l0)), int(v["T"]) if (kind == "plain" and "T" in v) else None,
+                  *((int(v.get("Bf", 0)), int(v.get("Lf", 0)), int(v.get("Lfr", 0))) if kind != "plain" else ()))
     if dry:  # the same plumbing, tiny and short
         shape = dataclasses.replace(shape, name="tiny", B=2, k=3, L_q=12, L_r=4, l=8,
-                                    plain_T=32 if shape.plain_T else None)
+                                    plain_T=32 if shape.plain_T else None, Bf=min(shape.Bf, 2),
+                                    Lf=16 if shape.Bf else 0, Lfr=4 if shape.Bf else 0)
     attn = v.get("attn", "xla")
     on_gpu = info["backend"] == "gpu"
     dtype = "bfloat16" if on_gpu else "float32"
@@ -694,9 +724,10 @@ def run_variant(v: dict, base: str, steps: int, dry: bool, info: dict) -> dict:
             raw = comp
         else:
             ib = random_batch(shape, cfg.vocab_size)
-            cs, sh = compile_step(cfg, StepConfig(r_len=shape.L_r), kind, tx, mesh,
-                                  {k: (ib[k].shape, ib[k].dtype) for k in BATCH_KEYS})
-            b = {k: jax.device_put(ib[k], sh["batch"][k]) for k in BATCH_KEYS}
+            keys = step_keys(ib)
+            cs, sh = compile_step(cfg, StepConfig(r_len=shape.L_r, r_len_free=shape.Lfr), kind, tx, mesh,
+                                  {k: (ib[k].shape, ib[k].dtype) for k in keys})
+            b = {k: jax.device_put(ib[k], sh["batch"][k]) for k in keys}
             call = lambda s: cs(s, b, jnp.float32(0))
             raw = cs.compiled
         compile_s = time.perf_counter() - t0
@@ -728,7 +759,8 @@ def run_gpu_suite(args, partial=None) -> dict:
     dry = args.dry_run
     budget = args.budget_s
     start = time.perf_counter()
-    variants = [parse_variant(s) for s in (args.variants.split(";") if args.variants else GPU_SUITE)]
+    suite = GPU_SUITES.get(args.shape, GPU_SUITE)
+    variants = [parse_variant(s) for s in (args.variants.split(";") if args.variants else suite)]
     on_gpu = info["backend"] == "gpu"
     if not on_gpu and not dry:
         raise SystemExit("--suite gpu needs a GPU (use --dry-run to check the plumbing on a CPU)")
@@ -769,7 +801,8 @@ def run_gpu_suite(args, partial=None) -> dict:
         gc.collect()
         jax.clear_caches()
     best = {}
-    for kind, target in (("plain", 0.45), ("warmup", 0.40), ("distill", None)):
+    targets = {"plain": 0.45, "warmup": 0.40} if args.shape == "llama3_3b" else {}  # the 3B MFU targets only
+    for kind, target in ((k, targets.get(k)) for k in ("plain", "warmup", "distill")):
         ok = [r for r in rows if r.get("kind") == kind and "mfu" in r]
         if ok:
             b = max(ok, key=lambda r: r["mfu"])

@@ -138,7 +138,7 @@ def test_encode_quick(tmp_path):
 
 def test_gpu_script_dry_run(tmp_path):
     variants = ("plain:B=4,T=2048,remat=dots_no_batch,attn=cudnn_causal,ce=8;"
-                "warmup:B=4,remat=full,attn=cudnn;distill:B=4,remat=none,attn=cudnn_causal")
+                "warmup:B=4,Bf=4,Lf=64,Lfr=8,remat=full,attn=cudnn;distill:B=4,remat=none,attn=cudnn_causal")
     r = subprocess.run(["bash", os.path.join(BENCH, "gpu_run.sh"), "--dry-run", "--variants", variants], cwd=ROOT,
                        env=dict(_env(), OUT=str(tmp_path)), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
@@ -149,6 +149,25 @@ def test_gpu_script_dry_run(tmp_path):
         assert "error" not in row, row
         assert row["step_s"] > 0 and row["mfu"] > 0 and np.isfinite(row["first_loss"])
     assert {"plain", "warmup", "distill"} == set(res["best"])
+    # the dry run's tiny shape: 2 rows of 3 x 8 passage + 16 prompt/response tokens, plus 2 free rows of 16
+    assert res["variants"][1]["shape"]["Bf"] == 2 and res["variants"][1]["tokens"] == 2 * (3 * 8 + 16) + 2 * 16
+    assert res["variants"][2]["tokens"] == 2 * (3 * 8 + 16)
+
+
+def test_free_row_flops_are_a_plain_step():
+    """The retrieval-free rows an ImpRAG step mixes in cost what the plain decoder's response-loss step costs on
+    the same rows; the rest of the step is unchanged by them."""
+    ts = _bench_module()
+    cfg = ts.model_config("smollm2")
+    base = ts.Shape("smollm2", B=64, k=10, L_q=64, L_r=16, l=128)
+    mixed = ts.Shape("smollm2", B=64, k=10, L_q=64, L_r=16, l=128, Bf=16, Lf=224, Lfr=32)
+    plain = ts.Shape("smollm2", B=16, k=0, L_q=0, L_r=32, l=0, plain_T=224)
+    for step in ("warmup", "distill"):
+        extra = ts.flops_total(cfg, mixed, step) - ts.flops_total(cfg, base, step)
+        assert extra == pytest.approx(ts.flops_total(cfg, plain, "plain_lm_resp"), rel=1e-12)
+        assert mixed.tokens(step) == base.tokens(step) + 16 * 224
+    for spec in ts.SMOLLM2_GPU_SUITE:
+        assert ts.parse_variant(spec)["kind"] in ("warmup", "distill")
 
 
 def test_gpu_suite_variants_parse():
