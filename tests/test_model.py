@@ -159,6 +159,16 @@ def test_bad_configs_raise_clear_errors(kw, msg):
         ModelConfig.tiny(**kw)
 
 
+def test_init_does_not_depend_on_the_attention_kernel():
+    """A cuDNN-attention config initialises to the same parameters as the XLA one, also where cuDNN is absent
+    (init used to trace the configured kernel under vmap, which cuDNN's batching rule refuses on a GPU)."""
+    cfg = ModelConfig.tiny(num_layers=2, b=0, t=0)
+    ref = init_params(cfg, jax.random.key(3))
+    got = init_params(cfg.replace(attention_impl="cudnn"), jax.random.key(3))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_cached_generation_equals_recomputation():
     cfg, p = _setup(seed=3)
     prompts = [[5, 17, 99, 3, 42, 8], [7, 7], list(range(30, 50))]
