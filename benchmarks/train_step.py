@@ -713,7 +713,7 @@ def run_variant(v: dict, base: str, steps: int, dry: bool, info: dict) -> dict:
     mesh = make_mesh(devices=jax.devices()[:1])
     tx, _ = make_optimizer(1e-4, 1000, 10)
     t0 = time.perf_counter()
-    # the patches must also cover create_state: init_params traces one layer (with the configured attention)
+    # create_state runs inside the patches too (harmless: init traces the XLA kernel whatever the config says)
     with causal_attention_patch(attn.startswith("cudnn_causal"),
                                 None if (attn == "cudnn_causal_all" or kind == "plain") else shape.k * shape.l), \
             cudnn_off_gpu_patch(attn == "cudnn" and not on_gpu):
