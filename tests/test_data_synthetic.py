@@ -270,3 +270,8 @@ def test_long_question_phrasing_names_the_person_far_from_the_end():
     assert all(len(by_tpl[t].input.split()) < len(long_q.split()) for t in (0, 1))
     with pytest.raises(ValueError, match="qa_templates must be 1, 2 or 3"):
         S.WorldConfig(qa_templates=4)
+    # the vocabulary holds the long phrasing's words only in a world that uses it (a 2-phrasing world keeps the
+    # tokenizer it had before the long phrasing existed, so earlier runs stay reproducible)
+    long_words = {"named", "town", "records", "letters", "kept", "family"}
+    assert long_words <= set(S.world_vocabulary(w))
+    assert not long_words & set(S.world_vocabulary(S.World.generate(SMALL)))

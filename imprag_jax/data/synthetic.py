@@ -706,10 +706,11 @@ class World:
         return out
 
 
-def _all_template_strings() -> list:
+def _all_template_strings(qa_templates: int = 3) -> list:
+    """Every template text; only the QA phrasings the world uses (a world's vocabulary holds what it can say)."""
     out = list(BIO_TEMPLATES + ORG_TEMPLATES + CITY_TEMPLATES + COUNTRY_TEMPLATES + LETTER_TEMPLATES
                + EVENT_TEMPLATES)
-    out += [q for qs in QA_QUESTIONS.values() for q in qs] + list(TWO_HOP_QUESTIONS.values())
+    out += [q for qs in QA_QUESTIONS.values() for q in qs[:qa_templates]] + list(TWO_HOP_QUESTIONS.values())
     out += list(RELATIONS.values()) + list(STATEMENTS.values()) + list(EL_CONTEXTS.values())
     out += list(T.TEMPLATES.values()) + ["Correspondence of", "Chronicle of", TRUE, FALSE, TITLE_FORMAT]
     out += list(OCCUPATIONS) + list(ORG_SUFFIXES)
@@ -720,7 +721,7 @@ def _all_template_strings() -> list:
 def world_vocabulary(world: World) -> list:
     """Every word token the world can produce (counterfactuals included), sorted; specials excluded."""
     vocab = set()
-    for s in _all_template_strings():
+    for s in _all_template_strings(world.cfg.qa_templates):
         vocab.update(words(s))
     vocab.update(world.first_names + world.surnames + world.occupations + world.country_names)
     vocab.update(c["name"] for c in world.cities)
