@@ -219,7 +219,7 @@ def trained_run(tmp_path_factory):
     write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), world)
     c = synthetic.get_config()
     c.data.dir = world
-    c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
+    c.model.update(dict(b=1, t=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
                         init_std=0.125))
     c.data.update(dict(batch_size=8, free_batch_size=2, L_q=64, prefetch=0))
     c.train.update(dict(steps=12, warmup_steps=2, log_every=4, ckpt_every=6, time_budget_s=0.0, lr=3e-3,
