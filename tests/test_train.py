@@ -195,7 +195,7 @@ def _cli(args, timeout=600):
 @pytest.mark.parametrize("override,msg", [
     ("--config.train.nope=1", "nope"),
     ("--config.train.stages=sometimes", "train.stages must be one of"),
-    ("--config.model.b=3", "0 <= b <= t"),
+    ("--config.model.b=4", "0 <= b <= t"),
     ("--config.data.kind=prepared", "not a prepared data directory"),
     ("--config.data.qa_templates=4", "qa_templates must be 1, 2 or 3"),
 ])
