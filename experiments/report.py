@@ -65,8 +65,9 @@ def fmt(vals: list) -> str:
 
 
 def row_names(runs: dict) -> list:
-    """Rows in the runners' order (synthetic first, then SmolLM2), then any others."""
-    order = list(ROWS) + [r for r in SMOLLM2_ROWS if r not in ROWS]
+    """Rows in their runner's order (experiments/smollm2.py's for the SmolLM2 tasks), then any others."""
+    first, second = (SMOLLM2_ROWS, ROWS) if TASKS is SMOLLM2_TASKS else (ROWS, SMOLLM2_ROWS)
+    order = list(first) + [r for r in second if r not in first]
     return [r for r in order if r in runs] + sorted(r for r in runs if r not in order)
 
 
@@ -130,14 +131,15 @@ def plot(runs: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "experiments"))
+    ap.add_argument("--out", default=None, help="the runner's output folder (default runs/experiments, with "
+                                                  "--smollm2 runs/experiments_smollm2)")
     ap.add_argument("--md", default="", help="also write the table here")
     ap.add_argument("--png", default="", help="bar plot of EM and recall@5 per row and task")
     ap.add_argument("--smollm2", action="store_true", help="the SmolLM2 mini-KILT tasks (experiments/smollm2.py)")
     a = ap.parse_args(argv)
     global TASKS
     TASKS = SMOLLM2_TASKS if a.smollm2 else SYNTHETIC_TASKS
-    runs = load(a.out)
+    runs = load(a.out or os.path.join(ROOT, "runs", "experiments_smollm2" if a.smollm2 else "experiments"))
     md = table(runs)
     print(md)
     if a.md:
