@@ -19,7 +19,8 @@ EXTRAS = {
     "test": ["pytest", "pytest-xdist"],
     "torch": ["torch==2.13.0", "transformers>=5.0", "accelerate", "safetensors"],
     "scann": ["scann"],
-    "data": ["grain", "tensorflow-datasets", "array-record", "bm25s", "PyStemmer"],
+    # the README's install (`.[data]`) covers the README's entry points: evaluate's report.png, export's weights
+    "data": ["grain", "tensorflow-datasets", "array-record", "bm25s", "PyStemmer", "matplotlib", "safetensors"],
     "bench": ["faiss-cpu", "matplotlib"],
 }
 EXTRAS["all"] = sorted({d for v in EXTRAS.values() for d in v})

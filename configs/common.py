@@ -16,7 +16,7 @@ def base_config() -> mlc.ConfigDict:
         init="random", preset="tiny", vocab_size=0,  # vocab_size 0 = the tokenizer's size
         hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=0,
         rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True, embed_scale=1.0, b=1, t=2,
-        retrieval_rope="pre", passage_attention="joint", prompt_offset=-1, dtype="float32", param_dtype="float32",
+        retrieval_rope="pre", score_scale="raw", retrieval_pool="last", passage_attention="joint", prompt_offset=-1, dtype="float32", param_dtype="float32",
         remat="none", attention_impl="xla", init_std=0.02, max_position=4096))
     c.model.rope_scaling = None  # or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", ...}
     c.data = mlc.ConfigDict(dict(
@@ -31,11 +31,13 @@ def base_config() -> mlc.ConfigDict:
         lam=1.0, stages="both", warmup_share=0.3, tau_t=1.0, tau_r=1.0, nce_reduction="sum",
         score_bias=False, score_bias_grad=False, score_bias_ramp=500, teacher_chunks=1, teacher_len=0,
         candidates="pseudo", refresh_every=500, index_negatives=2,
+        retrieval_steps=0, log_grad_norms=True,
         closed_book=False, time_budget_s=0.0, stop_at_step=0,
         log_every=50, ckpt_every=1000, keep=3, eval_every=0))
     c.eval = mlc.ConfigDict(dict(
         tasks="qa,two_hop_qa,slot_filling,fact_verification,entity_linking", split="dev", k="1,5", limit=400,
-        max_new_tokens=4, batch_size=128, modes="imprag,oracle", dev_tasks="qa", dev_limit=200, L_q=0,
+        max_new_tokens=4, batch_size=128, modes="imprag,oracle", dev_tasks="qa", dev_limit=200, dev_modes="imprag",
+        pool=0, L_q=0,
         backend="exact", score_bias=False))
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = [list(r) for r in DEFAULT_RULES]

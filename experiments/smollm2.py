@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct on a real mini-KILT: one command per table row, sized for a CPU (`configs/smollm2.py:cpu`).
 
-    python experiments/smollm2.py ROW [--limit 200] [--steps N] [--out runs/experiments_smollm2]
+    python experiments/smollm2.py ROW [--limit 200] [--steps N] [--seed S] [--out runs/experiments_smollm2]
     python experiments/smollm2.py --list
 
 The mini-KILT is prepared once into `OUT/minikilt_limit{L}` (`python -m imprag_jax.data.prepare --limit L`:
@@ -11,6 +11,11 @@ it for `--steps` steps (`configs/smollm2.py:cpu[,closed_book|,ra_it]`) and evalu
 NQ, SQuAD (dev); unseen: T-REx slot filling, SciFact true/false, HotpotQA. Summary lines go to
 `OUT/results.jsonl` (the same layout as experiments/synthetic.py; `experiments/report.py --smollm2` reads it).
 On the GPU, drop `:cpu` and the limit: `python -m imprag_jax.train --config configs/smollm2.py --workdir W`.
+
+The `retriever*` rows (`configs/smollm2.py:retriever`) use the whole mini-KILT (`OUT/minikilt_full`: 2,124 NQ and
+8,457 SQuAD training questions) and train the retrieval path alone; they report gold recall of the implicit
+retriever and of BM25 over the same 4,000-passage pool on NQ and SQuAD dev, and a recall-vs-steps curve in
+metrics.jsonl (`experiments/recall_curve.py` plots it).
 """
 from __future__ import annotations
 
@@ -25,14 +30,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _runner import check_row, record  # noqa: E402
 TASKS = "nq,squad,trex,scifact,hotpotqa"
-# row: (config arguments, evaluate the initial weights?, what it is)
+# row: (config arguments, evaluate the initial weights?, extra overrides, data, what it is); data "limit" = the
+# `--limit`-prepared mini-KILT, "full" = the whole mini-KILT (every NQ and SQuAD training question)
 ROWS = {
-    "zs_closed_book": ("cpu,closed_book", True, "SmolLM2-Instruct as it is, no passages"),
-    "zs_bm25": ("cpu,ra_it", True, "SmolLM2-Instruct as it is, the BM25 top 4 in context"),
-    "zs_imprag": ("cpu", True, "SmolLM2-Instruct as it is, read as ImpRAG (its own layer-7 retrieval, untrained)"),
-    "closed_book": ("cpu,closed_book", False, "fine-tuned without passages"),
-    "ra_it": ("cpu,ra_it", False, "RA-IT: fine-tuned with the BM25 top 4 in context"),
-    "imprag": ("cpu", False, "ImpRAG: NCE warmup then self-distillation, retrieval-free rows mixed in"),
+    "zs_closed_book": ("cpu,closed_book", True, [], "limit", "SmolLM2-Instruct as it is, no passages"),
+    "zs_bm25": ("cpu,ra_it", True, [], "limit", "SmolLM2-Instruct as it is, the BM25 top 4 in context"),
+    "zs_imprag": ("cpu", True, [], "limit",
+                  "SmolLM2-Instruct as it is, read as ImpRAG (its own layer-7 retrieval, untrained)"),
+    "closed_book": ("cpu,closed_book", False, [], "limit", "fine-tuned without passages"),
+    "ra_it": ("cpu,ra_it", False, [], "limit", "RA-IT: fine-tuned with the BM25 top 4 in context"),
+    "imprag": ("cpu", False, [], "limit", "ImpRAG: NCE warmup then self-distillation, retrieval-free rows mixed in"),
+    "retriever": ("retriever", False, [], "full",
+                  "the retrieval path alone (bottom group + layer-7 q/k) under the NCE with gold positives, "
+                  "s = q.k / sqrt(64), last-token pooling (the paper's E_q/E_p); gold recall vs BM25, same pool"),
+    "retriever_mean": ("retriever", False, ["--config.model.retrieval_pool=mean"], "full",
+                       "as `retriever` with mean pooling over the tokens (an option beyond the paper)"),
+    "retriever_raw": ("retriever", False, ["--config.model.score_scale=raw"], "full",
+                      "as `retriever` with the raw dot product (the paper's Eq. 3 as written)"),
 }
 
 
@@ -46,15 +60,34 @@ def prepare(out: str, limit: int) -> str:
     return d
 
 
-def row_command(row: str, data: str, wd: str, steps: int) -> list:
-    args, zero_shot, _ = ROWS[row]
+def data_dir(out: str, row: str, limit: int) -> str:
+    return os.path.join(out, "minikilt_full" if ROWS[row][3] == "full" else f"minikilt_limit{limit}")
+
+
+def prepare(out: str, limit: int, full: bool = False) -> str:
+    d = os.path.join(out, "minikilt_full" if full else f"minikilt_limit{limit}")
+    if not os.path.exists(os.path.join(d, "stats.json")):
+        cmd = [sys.executable, "-m", "imprag_jax.data.prepare", "--source", os.path.join(ROOT, "..", "shared", "data"),
+               "--out", d, "--free_per_task", str(2000 if full else 3 * limit), "--no_progress"] + (
+                   [] if full else ["--limit", str(limit)])
+        print("[experiments] " + " ".join(cmd), flush=True)
+        subprocess.check_call(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return d
+
+
+def row_command(row: str, data: str, wd: str, steps: int, seed: int = 0) -> list:
+    args, zero_shot, extra, _, _ = ROWS[row]
     cfg = os.path.join(ROOT, "configs", "smollm2.py") + ":" + args
-    common = [f"--config.data.dir={data}", f"--config.eval.tasks={TASKS}"]
+    common = [f"--config.data.dir={data}", f"--config.seed={seed}"] + list(extra)
+    if args != "retriever":
+        common.append(f"--config.eval.tasks={TASKS}")
     if zero_shot:
         return [sys.executable, "-m", "imprag_jax.evaluate", "--config", cfg, "--workdir", wd, "--checkpoint", "0",
                 "--noplot"] + common
-    return [sys.executable, "-m", "imprag_jax.train", "--config", cfg, "--workdir", wd] + common + (
-        [f"--config.train.steps={steps}"] if steps else [])
+    steps_args = [f"--config.train.steps={steps}"] if steps else []
+    if steps and args == "retriever":
+        steps_args.append(f"--config.train.retrieval_steps={steps}")
+    return [sys.executable, "-m", "imprag_jax.train", "--config", cfg, "--workdir", wd] + common + steps_args
 
 
 def main(argv=None) -> int:
@@ -62,6 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("row", nargs="?")
     ap.add_argument("--limit", type=int, default=200, help="records per source file in the mini-KILT")
     ap.add_argument("--steps", type=int, default=0, help="fine-tuning steps (0: the config's)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "experiments_smollm2"))
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--dry_run", action="store_true")
@@ -70,14 +104,14 @@ def main(argv=None) -> int:
     if rc is not None:
         return rc
     out = os.path.abspath(a.out)
-    wd = os.path.join(out, a.row)
-    data = os.path.join(out, f"minikilt_limit{a.limit}")
-    cmd = row_command(a.row, data, wd, a.steps)
+    wd = os.path.join(out, a.row if a.seed == 0 else f"{a.row}_seed{a.seed}")
+    data = data_dir(out, a.row, a.limit)
+    cmd = row_command(a.row, data, wd, a.steps, a.seed)
     if a.dry_run:
         print(" ".join(cmd))
         return 0
     os.makedirs(wd, exist_ok=True)
-    prepare(out, a.limit)
+    prepare(out, a.limit, full=ROWS[a.row][3] == "full")
     print("[experiments] " + " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, cwd=ROOT)
@@ -87,9 +121,9 @@ def main(argv=None) -> int:
     zero_shot = ROWS[a.row][1]
     with open(os.path.join(wd, "eval", "report.json" if zero_shot else "final.json")) as f:
         res = json.load(f)
-    record(out, row=a.row, seed=0, steps=0 if zero_shot else res["step"],
+    record(out, row=a.row, seed=a.seed, steps=0 if zero_shot else res["step"],
            train_seconds=0.0 if zero_shot else res["train_seconds"], wall_seconds=time.time() - t0,
-           command=["python", "experiments/smollm2.py", a.row, f"--limit={a.limit}"] + (
+           command=["python", "experiments/smollm2.py", a.row, f"--limit={a.limit}", f"--seed={a.seed}"] + (
                [f"--steps={a.steps}"] if a.steps else []), evals=res.get("eval") or res.get("rows") or [])
     return 0
 

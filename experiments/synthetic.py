@@ -96,6 +96,10 @@ def main(argv=None) -> int:
             _record(out, a, final, None)
         return 0
     os.makedirs(out, exist_ok=True)
+    # the trainer generates a world only in a data.dir that exists (it refuses a missing one as a typo): create the
+    # folder; the first run generates the world in it with the row's world settings, the later ones find it
+    data_dir = next(x.split("=", 1)[1] for x in cmd if x.startswith("--config.data.dir="))
+    os.makedirs(data_dir, exist_ok=True)
     print("[experiments] " + " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, cwd=ROOT)

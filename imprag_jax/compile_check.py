@@ -23,9 +23,7 @@ linear in the depth and a few shallow compiles extrapolate to the full model (do
 """
 from __future__ import annotations
 
-import argparse
 import ast
-import importlib.util
 import json
 import math
 import os
@@ -51,33 +49,40 @@ def _set_devices(n: int):
 
 
 def load_config(spec: str):
-    """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise SystemExit(f"compile_check: config file not found: {path}")
-    mspec = importlib.util.spec_from_file_location(f"_imprag_config_{abs(hash(path))}", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns (one-line error, exit 2, for a
+    missing file or a config that does not load)."""
+    from . import cli
+
+    try:
+        return cli.load_config_file(spec)
+    except cli.UserError as e:
+        cli.fail(str(e), prefix="compile_check: config error")
 
 
-def apply_overrides(c, sets: List[str]):
+def apply_overrides(c, sets: List[str], source: str = "the config"):
     """`a.b=value` strings (value parsed as a Python literal, else kept as a string)."""
+    from . import cli
+
     for s in sets:
         key, eq, raw = s.partition("=")
         if not eq:
-            raise SystemExit(f"compile_check: --set expects key=value, got {s!r}")
+            cli.fail(f"--set expects key=value, got {s!r}", prefix="compile_check: error")
         try:
             val = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             val = raw
+        try:
+            cli.check_key(c, key, source)
+        except cli.UserError as e:
+            cli.fail(str(e), prefix="compile_check: config error")
         node = c
         parts = key.split(".")
         for p in parts[:-1]:
             node = node[p]
-        if parts[-1] not in node:
-            raise SystemExit(f"compile_check: unknown config field {key!r}")
-        node[parts[-1]] = val
+        try:
+            node[parts[-1]] = val
+        except (TypeError, ValueError, AttributeError) as e:  # e.g. a string for an int field
+            cli.fail(f"--set {s}: {cli.first_line(e)}", prefix="compile_check: config error")
     return c
 
 
@@ -218,7 +223,9 @@ def check(c, stages=("warmup", "distill"), log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m imprag_jax.compile_check", description=__doc__.split("\n")[0])
+    from .cli import ArgumentParser
+
+    ap = ArgumentParser(prog="python -m imprag_jax.compile_check", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="configs/x.py[:arg]")
     ap.add_argument("--devices", type=int, default=0, help="fake CPU devices (default: the mesh's size, or 8)")
     ap.add_argument("--stages", default="warmup,distill")
@@ -233,7 +240,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     c = load_config(a.config)
-    apply_overrides(c, a.set)
+    apply_overrides(c, a.set, a.config.partition(":")[0])
     if a.batch:
         c.data.batch_size = a.batch
     if a.accum:

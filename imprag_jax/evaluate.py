@@ -27,6 +27,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from imprag_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); default: <workdir>/config.json.",
                                 lock_config=True)
@@ -43,7 +45,7 @@ flags.DEFINE_integer("max_new_tokens", None, "Greedy decoding length (default: e
 flags.DEFINE_string("backend", None, "Index search: exact|binned|approx|scann (default: eval.backend).")
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
 flags.DEFINE_bool("predictions", False, "Also write every prediction to predictions.jsonl.")
-flags.DEFINE_bool("plot", True, "Write report.png (matplotlib).")
+flags.DEFINE_bool("plot", True, "Write report.png (needs matplotlib; skipped with a note without it).")
 
 
 def _list(s):
@@ -193,7 +195,8 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
                                     backend=backend or E.backend)
     index_s = time.time() - t0
     total = sum(count_examples(data_dir, t, split, limit) for t in tasks) * len(modes)
-    bar = tqdm(total=total, desc="evaluate", unit="ex", dynamic_ncols=True, disable=not progress, mininterval=1.0)
+    bar = tqdm(total=total, desc="evaluate", unit="ex", dynamic_ncols=True, mininterval=1.0,
+               disable=not progress or not cli.stderr_is_terminal())  # no bar in a redirected log
     rows, preds = [], ([] if predictions else None)
     for task in tasks:
         for mode in modes:
@@ -233,17 +236,25 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
         with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
             for p in preds:
                 f.write(json.dumps(p) + "\n")
-    if plot:
-        plot_report(rows, os.path.join(out_dir, "report.png"), f"{c.name}, step {step}")
+    report["png"] = None
+    if plot:  # last: the table is written whatever happens here
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            report["png_skipped"] = ("report.png skipped: matplotlib is not installed (pip install matplotlib adds "
+                                     "it; --noplot silences this)")
+        else:
+            report["png"] = os.path.join(out_dir, "report.png")
+            plot_report(rows, report["png"], f"{c.name}, step {step}")
     report["table"] = table
     return report
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     if FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required")
+        cli.fail("--workdir is required (the training run to evaluate), e.g. --workdir runs/synthetic")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
@@ -256,12 +267,13 @@ def main(argv):
                   max_new_tokens=FLAGS.max_new_tokens, backend=FLAGS.backend, out_dir=FLAGS.out,
                   predictions=FLAGS.predictions, plot=FLAGS.plot)
     except (RunError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
     print(f"{rep['name']}, step {rep['step']} ({rep['seconds']:.0f}s)\n{rep['table']}\n\nwrote {out}/report.json, "
-          f"report.md" + (", report.png" if FLAGS.plot else ""))
+          f"report.md" + (", report.png" if rep.get("png") else ""), flush=True)
+    if rep.get("png_skipped"):
+        print(rep["png_skipped"], file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser())

@@ -21,7 +21,6 @@ written unchanged and `load_hf_dir` alone reads them back exactly.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -95,7 +94,7 @@ def build_meta(cfg: ModelConfig, tokenizer, *, k: int, l_max: int, L_q: int, L_r
         "middle_layers": list(range(cfg.b, cfg.t + 1)),  # the prompt also attends to the passages' K/V
         "top_layers": list(range(cfg.t + 1, cfg.num_layers)),  # prompt only
         "k": k, "k_train": k_train if k_train is not None else k, "l_max": l_max, "L_q": L_q, "L_r": L_r,
-        "pooling": "last_token",
+        "pooling": "last_token" if cfg.retrieval_pool == "last" else "mean",
         "retrieval_rope": cfg.retrieval_rope,
         "retrieval_dim": cfg.retrieval_dim,
         "query_embedding": "layer b: input_layernorm -> q_proj of the prompt's last token, "
@@ -104,7 +103,9 @@ def build_meta(cfg: ModelConfig, tokenizer, *, k: int, l_max: int, L_q: int, L_r
         "passage_embedding": "layer b: input_layernorm -> k_proj of the passage's last token (the end marker), "
                              + ("before RoPE" if cfg.retrieval_rope == "pre" else "RoPE at its own position")
                              + "; each passage alone through layers [0, b) at positions 0..len-1",
-        "score": "dot product, no normalisation",
+        "score": "dot product times score_multiplier (applied to E_q), no normalisation",
+        "score_scale": cfg.score_scale,
+        "score_multiplier": cfg.score_multiplier,
         "passage_attention": cfg.passage_attention,
         "passage_positions": "passage j of k at slot positions j*l_max + i in layers b..t",
         "prompt_offset": cfg.prompt_offset,
@@ -203,15 +204,22 @@ def restore_host_params(workdir: str, step: Optional[int] = None):
         raise ExportError(f"no checkpoints in {workdir}")
     mngr = ocp.CheckpointManager(d, item_names=("state", "data", "meta"))
     try:
+        steps = sorted(mngr.all_steps())
         step = mngr.latest_step() if step is None else step
-        if step is None or step not in mngr.all_steps():
-            raise ExportError(f"checkpoint step {step} not found in {d} (have {list(mngr.all_steps())})")
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        cfg = ModelConfig.from_dict(meta["model"])
-        abstract = {"params": param_shapes(cfg)}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
+        if step is None or step not in steps:
+            raise ExportError(f"checkpoint step {step} not found in {d} (have {steps})")
+        from .infer.session import damaged_checkpoint, quiet_failed_restore
+
+        try:
+            with quiet_failed_restore():
+                meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                cfg = ModelConfig.from_dict(meta["model"])
+                abstract = {"params": param_shapes(cfg)}
+                restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+                state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
+        except Exception as e:  # orbax / TensorStore: a damaged file (a truncated array, bad JSON, ...)
+            raise ExportError(str(damaged_checkpoint(d, step, steps, e, "--step"))) from None
     finally:
         mngr.close()
     return jax.tree.map(lambda a: np.asarray(a, np.float32), state["params"]), int(step), cfg
@@ -244,7 +252,9 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, dtype: str = 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m imprag_jax.export", description=__doc__.split("\n")[0])
+    from .cli import ArgumentParser
+
+    ap = ArgumentParser(prog="python -m imprag_jax.export", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
     ap.add_argument("--out", required=True, help="output directory (created)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -252,8 +262,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max_shard_bytes", type=int, default=None, help="split the weights above this size "
                     "(default 2 GiB)")
     a = ap.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("safetensors") is None:  # say so before any work, not after restoring the run
+        print('export: writing model.safetensors needs the safetensors package: pip install -e ".[torch]" '
+              "(or pip install safetensors)", file=sys.stderr)
+        return 2
+    from .cli import remove_if_unused
+
     try:
-        export_run(a.workdir, a.out, a.step, a.dtype, a.max_shard_bytes)
+        with remove_if_unused(a.out):  # a failed export leaves no empty --out folder behind
+            export_run(a.workdir, a.out, a.step, a.dtype, a.max_shard_bytes)
     except ExportError as e:
         print(f"export: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@ import argparse
 import sys
 import time
 
+from . import cli
+
 
 def _prompts(args):
     if args.prompt:
@@ -28,10 +30,13 @@ def _prompts(args):
 def run_plain(args):
     import jax
 
-    from .convert.fetch import resolve_model
+    from .convert.fetch import FetchError, resolve_model
     from .infer.generate import greedy_generate
 
-    cfg, params, tok = resolve_model(args.model)
+    try:
+        cfg, params, tok = resolve_model(args.model)
+    except (ValueError, OSError, FetchError) as e:  # not a model directory / .gguf, a damaged file, no download
+        cli.fail(f"cannot load --model {args.model}: {cli.first_line(e)}")
     params = jax.tree.map(jax.numpy.asarray, params)
     prompts = _prompts(args)
     texts = [p if args.raw else tok.apply_chat_template(p) for p in prompts]
@@ -54,10 +59,9 @@ def run_imprag(args):
     try:
         if args.template:
             prompts = [T.render(args.template, T.fields_from_input(args.template, p)) for p in prompts]
-        sess = ImpRAGSession.from_workdir(args.workdir, step=args.step)
+        sess = ImpRAGSession.from_workdir(args.workdir, step=args.step, step_flag="--step")
     except (RunError, T.TemplateError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     t0 = time.time()
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i:i + args.batch_size]
@@ -71,7 +75,8 @@ def run_imprag(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m imprag_jax.generate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="smollm2 | an HF directory | a .gguf file (plain LM)")
     src.add_argument("--workdir", help="a training run directory (ImpRAG: retrieve, then read)")

@@ -179,16 +179,24 @@ class TorchImpRAG:
         torch = self.torch
         x, last, pos = self.bottom(seqs)
         rows = torch.arange(len(seqs))
-        h = x[rows, last][:, None]  # [B, 1, d]
+        mean = self.meta.get("pooling", "last_token") == "mean"
+        h = x if mean else x[rows, last][:, None]  # [B, L or 1, d]
         lay = self.layers[self.b]
         h = self._norm(h, lay.input_layernorm.weight)
         proj, heads = (lay.self_attn.q_proj, self.H) if kind == "q" else (lay.self_attn.k_proj, self.KV)
         s = self._proj(h, proj, heads)
-        if self.meta.get("retrieval_rope", "pre") == "post":
-            s = self._rope(s, last[:, None])
-        s = s[:, 0].float()
+        post = self.meta.get("retrieval_rope", "pre") == "post"
+        if mean:
+            if post:
+                s = self._rope(s, pos)
+            w = (torch.arange(x.shape[1])[None] <= last[:, None]).to(s.dtype)  # right-padded rows
+            s = (s.float() * w[:, :, None, None]).sum(1) / w.sum(1).clamp(min=1)[:, None, None]
+        else:
+            if post:
+                s = self._rope(s, last[:, None])
+            s = s[:, 0].float()
         if kind == "q":
-            s = s.reshape(len(seqs), self.KV, self.G, self.D).mean(dim=2)
+            s = s.reshape(len(seqs), self.KV, self.G, self.D).mean(dim=2) * float(self.meta.get("score_multiplier", 1.0))
         return s.reshape(len(seqs), self.KV * self.D)
 
     def query_embedding(self, prompts: Sequence[Sequence[int]]):

@@ -51,11 +51,21 @@ def test_every_row_builds_its_config_and_overrides_existing_keys(runners, tmp_pa
         assert "--config.train.steps=1800" in cmd and "--config.seed=0" in cmd
         if any("qa_templates" in o for o in overrides):  # another world, another directory
             assert any(x.endswith("world_q3") for x in cmd)
-    for row, (args, zero_shot, _) in sm.ROWS.items():
+    for row, (args, zero_shot, extra, data, _) in sm.ROWS.items():
         c = _config("smollm2", args)
-        assert c.data.batch_size == 4 and c.data.L_free == 160  # the cpu sizes
+        _check_overrides(c, extra)
+        if args == "retriever":  # the retrieval path alone, on the whole mini-KILT
+            assert c.train.retrieval_steps == c.train.steps and data == "full"
+            assert c.model.score_scale == "sqrt_dim" and c.eval.pool >= 3000
+        else:
+            assert c.data.batch_size == 4 and c.data.L_free == 160  # the cpu sizes
         cmd = sm.row_command(row, str(tmp_path / "d"), str(tmp_path / row), 0)
         assert ("--checkpoint" in cmd) == zero_shot
+        cmd = sm.row_command(row, str(tmp_path / "d"), str(tmp_path / row), 50, seed=1)
+        assert "--config.seed=1" in cmd
+        if not zero_shot:
+            assert "--config.train.steps=50" in cmd
+            assert ("--config.train.retrieval_steps=50" in cmd) == (args == "retriever")
 
 
 def test_report_table_means_and_spreads(runners, tmp_path):

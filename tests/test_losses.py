@@ -99,3 +99,49 @@ def test_stage_schedule():
     assert losses.stage_at(0, 10, 0.3, "distill") == "distill"
     with pytest.raises(ValueError):
         losses.stage_at(0, 10, 0.3, "sometimes")
+
+
+def test_stage_schedule_with_a_retrieval_path_stage():
+    # 4 retrieval-path steps, then the paper's schedule over the remaining 10 (30 % warmup)
+    got = [losses.stage_at(s, 14, 0.3, "both", retrieval_steps=4) for s in range(14)]
+    assert got == ["retrieval"] * 4 + ["warmup"] * 3 + ["distill"] * 7
+    assert losses.stage_at(3, 14, 0.3, "none", retrieval_steps=4) == "retrieval"
+    assert losses.stage_at(4, 14, 0.3, "none", retrieval_steps=4) == "none"
+
+
+def test_chance_levels_are_exact_on_equal_scores():
+    """A retriever that scores every candidate the same sits exactly at the logged chance levels: the NCE equals
+    nce_chance, the in-batch top-1 rate equals its chance, the KL equals KL(P_T || uniform)."""
+    rng = np.random.default_rng(0)
+    B, k, D = 4, 3, 8
+    e_q = jnp.zeros((B, D))  # every score is 0
+    e_p = jnp.asarray(rng.normal(size=(B, k, D)), jnp.float32)
+    pos = jnp.asarray([[1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 1, 0]], jnp.int32)
+    ids = jnp.asarray([[0, 1, 2], [3, 4, 5], [6, 7, 1], [8, 9, 10]], jnp.int32)  # passage 1 appears twice
+    valid = jnp.asarray([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]], jnp.int32)
+    use = jnp.ones((B,), jnp.int32)
+    for reduction in ("sum", "mean"):
+        loss, n, st = losses.multilabel_nce(e_q, e_p, pos, ids, valid, use, reduction, stats=True)
+        np.testing.assert_allclose(float(loss), float(st["nce_chance"]), rtol=1e-6)
+        np.testing.assert_allclose(float(st["inbatch_top1_is_pos"]), float(st["inbatch_top1_chance"]), rtol=1e-6)
+    # by hand for "sum": 11 valid candidates in the batch; examples 0, 2, 3 have one positive and 10 negatives
+    # (log 11 each), example 1 two positives and 9 negatives (2 log 10)
+    loss, _, st = losses.multilabel_nce(e_q, e_p, pos, ids, valid, use, "sum", stats=True)
+    np.testing.assert_allclose(float(st["nce_chance"]), (3 * np.log(11) + 2 * np.log(10)) / 4, rtol=1e-6)
+    np.testing.assert_allclose(float(st["inbatch_top1_chance"]), (1 + 2 + 1 + 1) / 11 / 4, rtol=1e-6)
+    # a retriever that scores its positives 1 and everything else 0 is at 1.0
+    one_hot = jax.nn.one_hot(ids, 16)  # [B, k, 16]
+    e_q_good = jnp.einsum("bk,bkd->bd", (pos * valid).astype(jnp.float32), one_hot)
+    _, _, st2 = losses.multilabel_nce(e_q_good, one_hot, pos, ids, valid, use, "sum", stats=True)
+    assert float(st2["inbatch_top1_is_pos"]) == 1.0
+
+    t_ll = jnp.asarray(rng.normal(size=(B, k)), jnp.float32)
+    kl, p_t, _ = losses.self_distillation_kl(t_ll, jnp.zeros((B, k)), valid, use, 1.0, 1.0)
+    np.testing.assert_allclose(float(kl), float(losses.kl_chance(p_t, valid).mean()), rtol=1e-6)
+
+
+def test_top1_hit_splits_ties():
+    s = jnp.asarray([[1.0, 1.0, 0.0], [2.0, 1.0, 3.0]])
+    pos = jnp.asarray([[True, False, False], [False, False, True]])
+    v = jnp.ones((2, 3), bool)
+    np.testing.assert_allclose(np.asarray(losses.top1_hit(s, pos, v)), [0.5, 1.0])

@@ -285,3 +285,138 @@ def test_smollm2_smoke_config_runs(tmp_path, shared_data):
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     res = json.load(open(tmp_path / "w" / "eval" / "final.json"))
     assert res["step"] == 3 and res["eval"][0]["task"] == "nq"
+
+
+# ------------------------------------------------------------------------------ score scale and training health
+
+
+def _tiny_setup(world_dir, **model):
+    from imprag_jax.model import init_params
+    from imprag_jax.train import config_lib
+
+    c = tiny_config(world_dir, score_bias=False, teacher_len=0)
+    c.model.update(model)
+    tok, b = _fixed_batch(world_dir, c)
+    cfg = config_lib.model_config(c, tok.vocab_size)
+    params = init_params(cfg, jax.random.key(1))
+    sc = config_lib.step_config(c)
+    batch = {k: jnp.asarray(b[k]) for k in b if not isinstance(b[k], list)}
+    return c, cfg, sc, params, batch
+
+
+@pytest.mark.parametrize("stage", ["warmup", "distill"])
+def test_score_scale_multiplies_every_score_and_scale_one_is_today(world_dir, stage):
+    """At scale 1 ("1.0") the NCE and KL are today's ("raw"); at "sqrt_dim" they are the raw losses of the scores
+    divided by sqrt(head_dim), and top-k rankings do not change."""
+    from imprag_jax.model.transformer import query_embedding
+    from imprag_jax.train import losses
+    from imprag_jax.train.step import loss_fn, teacher_loglik
+
+    c, cfg, sc, params, batch = _tiny_setup(world_dir)
+    key = "nce" if stage == "warmup" else "kl"
+    raw = loss_fn(params, cfg, sc, stage, batch, jnp.float32(0))[1]
+    one = loss_fn(params, cfg.replace(score_scale="1.0"), sc, stage, batch, jnp.float32(0))[1]
+    assert float(raw[key]) == float(one[key])
+    scaled_cfg = cfg.replace(score_scale="sqrt_dim")
+    assert scaled_cfg.score_multiplier == 1.0 / np.sqrt(cfg.head_dim)
+    scaled = loss_fn(params, scaled_cfg, sc, stage, batch, jnp.float32(0))[1]
+    e_raw = query_embedding(params, cfg, batch["tokens"], batch["prompt_mask"])
+    e_scaled = query_embedding(params, scaled_cfg, batch["tokens"], batch["prompt_mask"])
+    np.testing.assert_allclose(np.asarray(e_scaled), np.asarray(e_raw) / np.sqrt(cfg.head_dim), rtol=1e-6)
+    # the scaled loss by hand from the raw embeddings
+    from imprag_jax.model.transformer import passage_embedding, run_bottom
+
+    B, k, L = batch["passages"].shape
+    e_p, h_p = passage_embedding(params, cfg, batch["passages"].reshape(B * k, L),
+                                 batch["passage_mask"].reshape(B * k, L))
+    e_p = e_p.reshape(B, k, -1)
+    valid = (batch["passage_mask"].sum(-1) > 0) & (batch["passage_ids"] >= 0)
+    m = 1.0 / np.sqrt(cfg.head_dim)
+    if stage == "warmup":
+        want, _ = losses.multilabel_nce(e_raw * m, e_p, batch["positives"], batch["passage_ids"],
+                                        valid.astype(jnp.int32), valid.any(-1), sc.nce_reduction)
+    else:
+        h_q = run_bottom(params, cfg, batch["tokens"], batch["mask"])
+        t_ll = teacher_loglik(params, cfg, sc, h_q, batch["mask"], batch["tokens"], batch["loss_mask"],
+                              h_p.reshape(B, k, L, -1), batch["passage_mask"])
+        s = jnp.einsum("bd,bkd->bk", e_raw * m, e_p)
+        want, _, _ = losses.self_distillation_kl(t_ll, s, valid, valid.any(-1), sc.tau_t, sc.tau_r)
+    np.testing.assert_allclose(float(scaled[key]), float(want), rtol=2e-5)
+    assert float(scaled[key]) != float(raw[key])
+
+
+def test_per_loss_gradient_norms_equal_separate_gradients(world_dir):
+    """`loss_grad_norms` (what the trainer logs) equals the norms of jax.grad of J_gen and of J_ret taken
+    separately; their lam-weighted sum is the step's gradient."""
+    import optax
+
+    from imprag_jax.train.step import loss_fn, loss_grad_norms
+
+    c, cfg, sc, params, batch = _tiny_setup(world_dir, score_scale="sqrt_dim")
+    for stage in ("warmup", "distill"):
+        got = loss_grad_norms({"params": params}, batch, jnp.float32(0), cfg=cfg, sc=sc, stage=stage)
+        f = lambda p: loss_fn(p, cfg, sc, stage, batch, jnp.float32(0))[1]
+        g_gen = jax.grad(lambda p: f(p)["gen_nll"])(params)
+        g_ret = jax.grad(lambda p: f(p)["ret_loss"])(params)
+        np.testing.assert_allclose(float(got["grad_norm_gen"]), float(optax.tree.norm(g_gen)), rtol=1e-5)
+        np.testing.assert_allclose(float(got["grad_norm_ret"]), float(optax.tree.norm(g_ret)), rtol=1e-5)
+        assert float(got["grad_norm_ret"]) > 0 and float(got["grad_norm_gen"]) > 0
+        g_tot = jax.grad(lambda p: loss_fn(p, cfg, sc, stage, batch, jnp.float32(0))[0])(params)
+        g_sum = jax.tree.map(lambda a, b: a + sc.lam * b, g_gen, g_ret)
+        d = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_tot), jax.tree.leaves(g_sum)))
+        assert d < 1e-5, d
+
+
+def test_retrieval_stage_trains_only_the_retrieval_path(world_dir):
+    """stage "retrieval": gradient reaches layers [0, b) and layer b's q/k projections only (embeddings frozen,
+    nothing above layer b); its loss is the NCE, with no generation loss."""
+    from imprag_jax.train.step import loss_fn
+
+    c, cfg, sc, params, batch = _tiny_setup(world_dir, score_scale="sqrt_dim")
+    (loss, m), g = jax.value_and_grad(lambda p: loss_fn(p, cfg, sc, "retrieval", batch, jnp.float32(0)),
+                                      has_aux=True)(params)
+    assert float(m["gen_nll"]) == 0.0 and float(loss) == float(m["nce"]) > 0
+    assert float(jnp.abs(g["embed"]["embedding"]).max()) == 0.0
+    assert float(jnp.abs(g["final_norm"]["scale"]).max()) == 0.0
+    b = cfg.b
+    flat = jax.tree_util.tree_flatten_with_path(g["layers"])[0]
+    for path, leaf in flat:
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        below = float(jnp.abs(leaf[:b]).max())
+        at_b = float(jnp.abs(leaf[b]).max())
+        above = float(jnp.abs(leaf[b + 1:]).max())
+        assert above == 0.0, name
+        assert below > 0.0, name
+        if name.endswith("wq") or name.endswith("wk") or "input_norm" in name:
+            assert at_b > 0.0, name
+        else:
+            assert at_b == 0.0, name
+
+
+def test_time_budget_is_reported_in_the_final_table(world_dir, tmp_path):
+    from imprag_jax.train.trainer import train
+
+    c = tiny_config(world_dir, time_budget_s=1e-6)
+    res = train(c, str(tmp_path / "b"))
+    assert res["stopped_early"] == "budget" and res["step"] < c.train.steps
+    with open(tmp_path / "b" / "eval" / "final.md") as f:
+        text = f.read()
+    assert "WARNING" in text and f"step {res['step']} of {c.train.steps}" in text
+
+
+def test_two_runs_with_the_same_seed_give_identical_metrics(world_dir, tmp_path):
+    """A whole run (training, health metrics, final evaluation) is a function of the config and the seed: only
+    the timing fields differ."""
+    from imprag_jax.train.trainer import train
+
+    timing = {"steps_per_s", "tokens_per_s", "elapsed_s"}
+    out = []
+    for name in ("a", "b"):
+        c = tiny_config(world_dir, steps=8, log_every=4, stages="both", warmup_share=0.5)
+        c.eval.update(dict(modes="imprag", k="1", limit=16, tasks="qa"))
+        res = train(c, str(tmp_path / name))
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            rows = [{k: v for k, v in json.loads(x).items() if k not in timing} for x in f]
+        out.append((rows, res["eval"]))
+    assert out[0] == out[1]
+    assert any("grad_norm_ret" in r and "ret_chance" in r and "clip_fraction" in r for r in out[0][0])

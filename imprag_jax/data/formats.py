@@ -149,8 +149,9 @@ def iter_jsonl(path: str) -> Iterator[tuple]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except json.JSONDecodeError as e:  # some messages end in "at" ("Unterminated string starting at")
+                msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg
+                raise DataError(f"{path}:{n}: malformed JSON ({msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             yield n, obj

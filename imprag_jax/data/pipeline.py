@@ -640,7 +640,7 @@ def eval_batches(data_dir: str, task: str, split: str = "dev", tokenizer=None, *
     Yields dicts with numpy arrays ``tokens``/``mask``/``prompt_mask`` ``[b, L_q]`` (right-padded; the last prompt
     token is at ``mask.sum(-1) - 1``), ``example_index [b]`` (-1 for padding rows of the last batch), ``valid [b]``,
     ``gold_ids [b, G]`` (gold passage rows, -1 padded; G = the split's largest gold set, at least 1), and lists
-    ``answers`` (list of answer strings per row) and ``ids``. ``passages="gold"`` (oracle reading) or ``"pseudo"``
+    ``answers`` (list of answer strings per row), ``ids`` and ``prompts`` (the prompt texts). ``passages="gold"`` (oracle reading) or ``"pseudo"``
     (BM25 top k) adds ``passages``/``passage_mask [b, k, l_max]`` and ``passage_ids [b, k]``. ``b`` is this host's
     share of ``batch_size``.
     """
@@ -665,7 +665,7 @@ def eval_batches(data_dir: str, task: str, split: str = "dev", tokenizer=None, *
         mask = np.zeros((h, L_q), np.int32)
         idx = np.full((h,), -1, np.int32)
         gold = np.full((h, G), -1, np.int32)
-        out = {"answers": [], "ids": []}
+        out = {"answers": [], "ids": [], "prompts": []}
         pt = np.full((h, k, l_max), enc.pad, np.int32) if ps else None
         pm = np.zeros((h, k, l_max), np.int32) if ps else None
         pid = np.full((h, k), -1, np.int32) if ps else None
@@ -673,6 +673,7 @@ def eval_batches(data_dir: str, task: str, split: str = "dev", tokenizer=None, *
             if r is None:
                 out["answers"].append([])
                 out["ids"].append("")
+                out["prompts"].append("")
                 continue
             ids = enc.prompt(r["prompt"], L_q, stats)
             toks[i, :len(ids)] = ids
@@ -681,6 +682,7 @@ def eval_batches(data_dir: str, task: str, split: str = "dev", tokenizer=None, *
             gold[i, :len(r["gold"])] = r["gold"]
             out["answers"].append(list(r["answers"]))
             out["ids"].append(r["id"])
+            out["prompts"].append(r["prompt"])
             if ps:
                 cands = (r["gold"] if passages == "gold" else r["ranked"])[:k]
                 if cands:

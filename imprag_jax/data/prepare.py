@@ -40,6 +40,7 @@ import gzip
 import json
 import os
 import random
+import re
 import sys
 import time
 import zipfile
@@ -718,15 +719,19 @@ def _kv(items, what):
     out = OrderedDict()
     for it in items or []:
         if "=" not in it:
-            raise SystemExit(f"{what} expects NAME=VALUE, got {it!r}")
+            from imprag_jax import cli
+
+            cli.fail(f"{what} expects NAME=VALUE, got {it!r}", prefix="prepare: error")
         k, v = it.split("=", 1)
         out[k.strip()] = v.strip()
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m imprag_jax.data.prepare", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from imprag_jax import cli
+
+    ap = cli.ArgumentParser(prog="python -m imprag_jax.data.prepare", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", help="folder with the release files (e.g. ../shared/data)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--seed", type=int, default=0)
@@ -757,17 +762,27 @@ def main(argv=None) -> int:
         ap.error("--kilt_task and --kilt_knowledge go together")
     if not kilt and not a.source:
         ap.error("--source (or --kilt_task + --kilt_knowledge) is required")
-    show = not a.no_progress
-    if kilt:
-        stats = prepare_kilt(_kv(a.kilt_task, "--kilt_task"), a.kilt_knowledge, a.out,
-                             l_max=a.l_max if a.l_max is not None else 0, bm25_k=a.bm25_k,
-                             task_types=_kv(a.kilt_task_type, "--kilt_task_type"), query=a.query,
-                             show_progress=show, pseudo_labels=not a.no_pseudo_labels)
-    else:
-        stats = prepare_minikilt(a.source, a.out, seed=a.seed, l_max=a.l_max if a.l_max is not None else 100,
-                                 dev_frac=a.dev_frac, limit=a.limit, bm25_k=a.bm25_k, query=a.query,
-                                 show_progress=show, pseudo_labels=not a.no_pseudo_labels,
-                                 free_per_task=a.free_per_task)
+    show = not a.no_progress and cli.stderr_is_terminal()  # no progress bars in a redirected log
+    try:
+        with cli.remove_if_unused(a.out):  # a failed run leaves no empty output folder behind
+            if kilt:
+                stats = prepare_kilt(_kv(a.kilt_task, "--kilt_task"), a.kilt_knowledge, a.out,
+                                     l_max=a.l_max if a.l_max is not None else 0, bm25_k=a.bm25_k,
+                                     task_types=_kv(a.kilt_task_type, "--kilt_task_type"), query=a.query,
+                                     show_progress=show, pseudo_labels=not a.no_pseudo_labels)
+            else:
+                stats = prepare_minikilt(a.source, a.out, seed=a.seed,
+                                         l_max=a.l_max if a.l_max is not None else 100, dev_frac=a.dev_frac,
+                                         limit=a.limit, bm25_k=a.bm25_k, query=a.query, show_progress=show,
+                                         pseudo_labels=not a.no_pseudo_labels, free_per_task=a.free_per_task)
+    except DataError as e:  # "<file>:<line>: what is wrong" (or "<file>: ...; what to do")
+        msg = cli.first_line(e)
+        if re.search(r":\d+: ", msg):
+            msg += "; fix or remove that line and run again"
+        cli.fail(msg, prefix="prepare: error")
+    except FileNotFoundError as e:  # a missing input file or --source folder
+        cli.fail(f"{cli.first_line(e)}; check the path (--source, --kilt_task NAME=PATH, --kilt_knowledge)",
+                 prefix="prepare: error")
     print(stats_markdown(stats))
     for key in ("dropped", "notes"):
         if stats.get(key):

@@ -28,6 +28,7 @@ Public API
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -38,6 +39,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from imprag_jax.cli import stderr_is_terminal
 from imprag_jax.data.chunking import TITLE_FORMAT, format_passage
 from imprag_jax.data.formats import DataError, Example, Passage, iter_jsonl, write_jsonl
 
@@ -49,7 +51,13 @@ def require_bm25s():
         import bm25s
     except ImportError as e:
         raise ImportError(f"BM25 pseudo-labels need the bm25s package: {INSTALL_HINT}") from e
+    quiet_bm25s()
     return bm25s
+
+
+def quiet_bm25s() -> None:
+    """bm25s sets its logger to DEBUG on import ("Building index from IDs objects" in every log under absl)."""
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 def _tqdm(it, **kw):
@@ -57,6 +65,7 @@ def _tqdm(it, **kw):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a core dependency; be quiet without it anyway
         return it
+    kw.setdefault("disable", None)  # None: no bar when stderr is not a terminal (a redirected log)
     return tqdm(it, **kw)
 
 
@@ -80,6 +89,7 @@ class BM25Index:
             except ImportError:
                 self.stemmer = None  # still BM25, just unstemmed
         texts = [format_passage(p.title, p.text, title_format) for p in passages]
+        show_progress = show_progress and stderr_is_terminal()  # bm25s' own bars: none in a redirected log
         tokens = bm25s.tokenize(texts, stopwords=stopwords, stemmer=self.stemmer, show_progress=show_progress)
         self._retriever = bm25s.BM25(k1=k1, b=b)
         self._retriever.index(tokens, show_progress=show_progress)

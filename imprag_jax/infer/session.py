@@ -3,6 +3,7 @@ knowledge source and index. Used by `python -m imprag_jax.generate --workdir` an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -36,9 +37,12 @@ def checkpoint_steps(workdir: str) -> List[int]:
     return sorted(int(x) for x in os.listdir(d) if x.isdigit())
 
 
-def restore_params(workdir: str, step: Optional[int] = None):
-    """(params, step, ModelConfig) from <workdir>/checkpoints (host arrays, single device)."""
+def restore_params(workdir: str, step: Optional[int] = None, step_flag: str = "--checkpoint"):
+    """(params, step, ModelConfig) from <workdir>/checkpoints (host arrays, single device). Only the parameters
+    are read (not the optimizer state: damage there does not matter for inference). A checkpoint that cannot be
+    read is a RunError that names it and the other steps (`step_flag` is the flag that picks one)."""
     import orbax.checkpoint as ocp
+    from etils import epath
 
     if not os.path.isdir(workdir):
         raise RunError(f"workdir {workdir!r} does not exist")
@@ -49,16 +53,83 @@ def restore_params(workdir: str, step: Optional[int] = None):
     step = steps[-1] if step is None else int(step)
     if step not in steps:
         raise RunError(f"checkpoint step {step} not found in {d} (have {steps})")
-    mngr = ocp.CheckpointManager(d, item_names=("state", "data", "meta"))
     try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        with warnings.catch_warnings():  # restored onto the default device: no sharding given, on purpose
-            warnings.filterwarnings("ignore", message="Sharding info not provided")
-            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
-    finally:
-        mngr.close()
+        with quiet_failed_restore():
+            mngr = ocp.CheckpointManager(d, item_names=("state", "data", "meta"))
+            try:
+                meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                cfg = ModelConfig.from_dict(meta["model"])
+                # the params subtree of the saved state's own tree metadata (shapes/dtypes as written), read as
+                # host numpy arrays: no sharding, no optimizer moments
+                tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(d) / str(step) / "state")
+                tree = getattr(tree, "tree", tree)
+                if "params" not in tree:
+                    raise ValueError("the saved state has no 'params'")
+                item = {"params": tree["params"]}
+                restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Sharding info not provided")
+                    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+            finally:
+                mngr.close()
+    except RunError:
+        raise
+    except Exception as e:  # orbax / TensorStore: a truncated or overwritten file, a missing array, bad JSON
+        raise damaged_checkpoint(d, step, steps, e, step_flag) from None
     params = jax.tree.map(np.asarray, restored["params"])
-    return params, step, ModelConfig.from_dict(meta["model"])
+    return params, step, cfg
+
+
+@contextlib.contextmanager
+def quiet_failed_restore():
+    """Around an orbax restore: when it fails, its sibling reads still finish in TensorStore's threads and report
+    into orbax's closed event loop ("RuntimeError: Event loop is closed" as unraisable exceptions, asyncio's "Task
+    exception was never retrieved", coroutines closed at interpreter exit): dozens of traceback lines around the
+    one-line error, some of them before the exception even reaches the caller. Drop exactly those while the
+    restore runs, and, when it fails, for the rest of the process (the failure itself is raised, as a RunError
+    or ExportError by the callers). A restore that succeeds leaves the hooks as they were."""
+    import gc
+    import logging
+    import sys
+
+    prev = sys.unraisablehook
+
+    def hook(u):
+        text = str(u.exc_value)
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in text:
+            return
+        if "sys.meta_path is None" in text:  # a read's coroutine closed at interpreter exit
+            return
+        prev(u)
+
+    class _NeverRetrieved(logging.Filter):
+        def filter(self, record):
+            return "exception was never retrieved" not in str(record.msg)
+
+    flt = _NeverRetrieved()
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(flt)
+    try:
+        yield
+    except BaseException:
+        gc.collect()  # the failed restore's dead tasks and coroutines: now, while the filters are in place
+        raise
+    else:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = prev
+        logging.getLogger("asyncio").removeFilter(flt)
+
+
+def damaged_checkpoint(d: str, step: int, steps: List[int], cause: BaseException,
+                       step_flag: str = "--checkpoint") -> "RunError":
+    """RunError: checkpoint N in D is damaged (<first line of the cause>); pick another (have [...])."""
+    msg = " ".join(str(cause).split())
+    msg = msg if len(msg) <= 300 else msg[:297] + "..."
+    others = [s for s in steps if s != step]
+    hint = (f"use another with {step_flag} N (have {others})" if others
+            else "it is the only checkpoint: train again, or delete the folder to start over")
+    return RunError(f"checkpoint {step} in {d} is damaged ({type(cause).__name__}: {msg}); {hint}")
 
 
 def run_data_dir(c, workdir: str) -> str:
@@ -87,9 +158,11 @@ class ImpRAGSession:
         self._retriever = None
 
     @classmethod
-    def from_workdir(cls, workdir: str, step: Optional[int] = None, config=None) -> "ImpRAGSession":
+    def from_workdir(cls, workdir: str, step: Optional[int] = None, config=None,
+                     step_flag: str = "--checkpoint") -> "ImpRAGSession":
+        """`step_flag`: the command-line flag that picks a checkpoint (named in a damaged checkpoint's error)."""
         c = config if config is not None else load_run_config(workdir)
-        params, step, cfg = restore_params(workdir, step)
+        params, step, cfg = restore_params(workdir, step, step_flag=step_flag)
         data_dir = run_data_dir(c, workdir)
         tok = run_tokenizer(c, data_dir)
         return cls(c, jax.tree.map(jax.numpy.asarray, params), cfg, tok, data_dir, step)

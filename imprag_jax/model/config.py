@@ -42,6 +42,13 @@ class ModelConfig:
     retrieval_rope: str = "pre"  # "pre" | "post": take E_q / E_p before or after RoPE
     passage_attention: str = "joint"  # "joint" | "independent" (middle group)
     prompt_offset: Optional[int] = None  # prompt position shift when reading; None = k * l_max
+    # s(q,p) = score_multiplier * <E_q, E_p>: "raw" (1, the paper's Eq. 3 as written), "sqrt_dim" (1/sqrt(head_dim),
+    # as attention scales q.k), or a positive number. Applied to E_q, so every user of the scores (NCE, KL,
+    # retrieval, score bias, export) sees the same s(q,p); rankings do not depend on it.
+    score_scale: str = "raw"
+    # which tokens' layer-b states form E_q / E_p: "last" (the paper: the last real token) or "mean" (an option
+    # beyond the paper: the mean over the row's real tokens of the projected states)
+    retrieval_pool: str = "last"
     # numerics / memory
     dtype: str = "float32"  # compute dtype: "bfloat16" | "float32"
     param_dtype: str = "float32"
@@ -73,6 +80,12 @@ class ModelConfig:
                               f"num_layers={self.num_layers}")
         if self.retrieval_rope not in ("pre", "post"):
             raise ConfigError(f"retrieval_rope must be 'pre' or 'post', got {self.retrieval_rope!r}")
+        try:
+            self.score_multiplier
+        except ValueError:
+            raise ConfigError(f"score_scale must be 'raw', 'sqrt_dim' or a positive number, got {self.score_scale!r}")
+        if self.retrieval_pool not in ("last", "mean"):
+            raise ConfigError(f"retrieval_pool must be 'last' or 'mean', got {self.retrieval_pool!r}")
         if self.passage_attention not in ("joint", "independent"):
             raise ConfigError(f"passage_attention must be 'joint' or 'independent', got {self.passage_attention!r}")
         if self.dtype not in ("float32", "bfloat16", "float16") or self.param_dtype not in ("float32", "bfloat16"):
@@ -96,6 +109,19 @@ class ModelConfig:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def score_multiplier(self) -> float:
+        """The factor of s(q,p) = factor * <E_q, E_p> (see `score_scale`)."""
+        v = str(self.score_scale)
+        if v == "raw":
+            return 1.0
+        if v == "sqrt_dim":
+            return 1.0 / float(self.head_dim) ** 0.5
+        f = float(v)
+        if not f > 0:
+            raise ValueError(v)
+        return f
 
     @property
     def retrieval_dim(self) -> int:
@@ -141,7 +167,7 @@ class ModelConfig:
     def retrieval_fingerprint(self) -> str:
         """Hash of the fields that decide what E_q/E_p mean (not the weights: the index records the step)."""
         keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "rope_theta",
-                "b", "retrieval_rope")
+                "b", "retrieval_rope", "retrieval_pool")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -185,21 +185,32 @@ def retrieval_embedding(params, cfg: ModelConfig, h_b, mask, kind: str):
     """Layer-b query ("q") or key ("k") state of each row's last real token -> [B, n_kv_heads*head_dim] fp32.
 
     Query heads are averaged within each GQA group so E_q lines up with the key heads. With
-    retrieval_rope="post" the state is rotated at the token's own (unshifted) position.
+    retrieval_rope="post" the state is rotated at the token's own (unshifted) position. E_q carries the score
+    scale (`cfg.score_multiplier`), so s(q,p) = <E_q, E_p> everywhere. With retrieval_pool="mean" the projected
+    states of all real tokens are averaged instead of taking the last one.
     """
-    idx = last_index(mask)
-    h_last = jnp.take_along_axis(h_b, idx[:, None, None], axis=1)  # [B, 1, d]
     layer = _layer(cfg)
     p = _one_layer(params, cfg.b)
     method = DecoderLayer.retrieval_q if kind == "q" else DecoderLayer.retrieval_k
-    s = layer.apply({"params": p}, h_last, method=method).astype(jnp.float32)  # [B, 1, heads, D]
-    if cfg.retrieval_rope == "post":
-        pos = positions_from_mask(mask)
-        s = apply_rope(s, jnp.take_along_axis(pos, idx[:, None], axis=1), rope_inv_freq(cfg))
-    s = s[:, 0]
+    if cfg.retrieval_pool == "mean":
+        s = layer.apply({"params": p}, h_b, method=method).astype(jnp.float32)  # [B, L, heads, D]
+        if cfg.retrieval_rope == "post":
+            s = apply_rope(s, positions_from_mask(mask), rope_inv_freq(cfg))
+        w = mask.astype(jnp.float32)
+        s = (s * w[:, :, None, None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None, None]
+    else:
+        idx = last_index(mask)
+        h_last = jnp.take_along_axis(h_b, idx[:, None, None], axis=1)  # [B, 1, d]
+        s = layer.apply({"params": p}, h_last, method=method).astype(jnp.float32)  # [B, 1, heads, D]
+        if cfg.retrieval_rope == "post":
+            pos = positions_from_mask(mask)
+            s = apply_rope(s, jnp.take_along_axis(pos, idx[:, None], axis=1), rope_inv_freq(cfg))
+        s = s[:, 0]
     if kind == "q":
         B = s.shape[0]
         s = s.reshape(B, cfg.num_kv_heads, cfg.group_size, cfg.head_dim).mean(axis=2)
+        if cfg.score_multiplier != 1.0:
+            s = s * cfg.score_multiplier
     return s.reshape(s.shape[0], cfg.retrieval_dim)
 
 

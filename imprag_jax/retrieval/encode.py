@@ -179,8 +179,10 @@ def encode_corpus(params, cfg, tokens, mask, *, batch_size: int = 64, mesh=None,
     if progress:
         from tqdm.auto import tqdm
 
+        from imprag_jax.cli import stderr_is_terminal
+
         bar = tqdm(total=N, initial=n_resumed, unit="passage", desc="encode_corpus", dynamic_ncols=True,
-                   disable=jax.process_index() != 0)
+                   disable=jax.process_index() != 0 or not stderr_is_terminal())  # none in a redirected log
     t0 = time.perf_counter()
     n_encoded = 0
     for c in range(n_chunks):

@@ -162,6 +162,9 @@ def bm25_search(texts: Sequence[str], queries: Sequence[str], k: int) -> np.ndar
         import bm25s
     except ImportError as e:  # pragma: no cover
         raise ImportError("BM25 needs bm25s: pip install 'imprag_jax[data]'") from e
+    from imprag_jax.data.pseudo_labels import quiet_bm25s
+
+    quiet_bm25s()
     try:
         import Stemmer
 
@@ -210,7 +213,7 @@ def bottom_key_states(params, cfg, tokens, mask, *, stride: int = 8, batch_size:
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, unit="batch", desc="bottom_key_states")
+        it = tqdm(it, unit="batch", desc="bottom_key_states", disable=None)  # None: no bar unless a terminal
     for s in it:
         t, m = tokens[s:s + batch_size], mask[s:s + batch_size]
         r = len(t)

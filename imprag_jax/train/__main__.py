@@ -1,8 +1,10 @@
 """python -m imprag_jax.train --config configs/X.py[:arg] --workdir W [--config.a.b=v ...]"""
-import sys
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from imprag_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), optionally file.py:arg.",
@@ -14,9 +16,11 @@ flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (defau
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
+        cli.fail("--config and --workdir are required, e.g. --config configs/synthetic.py --workdir runs/synthetic")
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        cli.fail(f"--workdir {FLAGS.workdir} is a file, not a folder")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
@@ -26,12 +30,14 @@ def main(argv):
     from imprag_jax.model import ConfigError
     from imprag_jax.train.trainer import train
 
-    try:
-        train(FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # train() creates the workdir first: a run that fails on a user error before writing anything into it must
+    # not leave an empty folder behind
+    with cli.remove_if_unused(FLAGS.workdir):
+        try:
+            train(FLAGS.config, FLAGS.workdir)
+        except ConfigError as e:
+            cli.fail(str(e), prefix="config error")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser())

@@ -51,7 +51,7 @@ def model_config(c, vocab_size: Optional[int] = None, base: Optional[ModelConfig
     if m.get("prompt_offset", -1) in (-1, None):
         m["prompt_offset"] = None
     if base is not None:  # pretrained: architecture from the checkpoint, ImpRAG/numerics from the config
-        keep = ("b", "t", "retrieval_rope", "passage_attention", "prompt_offset", "dtype", "param_dtype", "remat",
+        keep = ("b", "t", "retrieval_rope", "score_scale", "retrieval_pool", "passage_attention", "prompt_offset", "dtype", "param_dtype", "remat",
                 "attention_impl")
         return base.replace(**{k: m[k] for k in keep})
     if not m.get("vocab_size"):
@@ -80,6 +80,10 @@ def step_config(c) -> StepConfig:
         _fail("train.steps must be >= 1 and train.lr > 0")
     if t.accum < 1:
         _fail("train.accum must be >= 1")
+    if not 0 <= t.get("retrieval_steps", 0) <= t.steps:
+        _fail(f"train.retrieval_steps must be in [0, train.steps={t.steps}], got {t.retrieval_steps}")
+    if t.get("retrieval_steps", 0) and t.closed_book:
+        _fail("train.retrieval_steps trains the retrieval path; a closed-book run has none")
     d = c.data
     if d.batch_size < 1:
         _fail(f"data.batch_size must be >= 1 (retrieval rows per global batch), got {d.batch_size}")
@@ -90,7 +94,7 @@ def step_config(c) -> StepConfig:
     return StepConfig(r_len=d.L_r, r_len_free=Lf if _lm_tasks(c) else (d.L_free_r or d.L_r), lam=t.lam,
                       tau_t=t.tau_t, tau_r=t.tau_r, nce_reduction=t.nce_reduction, score_bias=t.score_bias,
                       score_bias_grad=t.score_bias_grad, accum=t.accum, teacher_chunks=t.teacher_chunks,
-                      teacher_len=t.teacher_len)
+                      teacher_len=t.teacher_len, clip=float(t.clip or 0.0))
 
 
 def eval_L_q(c) -> int:
@@ -119,10 +123,19 @@ def batch_config(c):
 
 
 def data_dir(c, workdir: str) -> str:
-    """The prepared data directory; for the synthetic world it is generated on first use."""
+    """The prepared data directory; for the synthetic world (the mini-KILT) it is generated (prepared) on first use,
+    in <workdir>/data or in an explicit data.dir that exists (a data.dir that does not exist is a typo, not a
+    place to create)."""
     d = c.data.dir or (os.path.join(workdir, "data") if c.data.kind in ("synthetic", "minikilt") else "")
     if c.data.kind not in ("synthetic", "prepared", "minikilt"):
         _fail(f"data.kind must be synthetic, minikilt or prepared, got {c.data.kind!r}")
+    if c.data.dir and c.data.kind in ("synthetic", "minikilt") and not os.path.isdir(c.data.dir):
+        if c.data.kind == "synthetic":
+            _fail(f"data.dir={c.data.dir} does not exist; leave data.dir empty to generate the synthetic world in "
+                  f"{os.path.join(workdir, 'data')}, or create it with python -m imprag_jax.data.synthetic --out DIR")
+        _fail(f"data.dir={c.data.dir} does not exist; leave data.dir empty to prepare the mini-KILT in "
+              f"{os.path.join(workdir, 'data')}, or prepare it with python -m imprag_jax.data.prepare --source "
+              f"{c.data.source} --out DIR")
     if c.data.kind == "minikilt" and not os.path.exists(os.path.join(d, "passages.jsonl")):
         src = c.data.source
         if not os.path.isabs(src):

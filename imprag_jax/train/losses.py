@@ -43,7 +43,8 @@ def generation_nll(token_lp, valid):
     return -(token_lp * v).sum(), v.sum()
 
 
-def multilabel_nce(e_q, e_p, positives, passage_ids, valid, example_mask, reduction: str = "sum"):
+def multilabel_nce(e_q, e_p, positives, passage_ids, valid, example_mask, reduction: str = "sum",
+                   stats: bool = False):
     """Multi-label NCE (paper Eq. 3) with in-batch negatives.
 
     e_q [B, D]; e_p [B, k, D] (the candidates' embeddings); positives, valid [B, k] (0/1); passage_ids [B, k]
@@ -53,7 +54,12 @@ def multilabel_nce(e_q, e_p, positives, passage_ids, valid, example_mask, reduct
     each positive is contrasted against the negatives only:
         -sum_{p in P(i)} log( e^{s_ip} / (e^{s_ip} + sum_{n in N(i)} e^{s_in}) ).
     reduction "sum" (the paper: sum over positives) or "mean" (divided by |P(i)|); then mean over examples.
-    Returns (loss, number of examples that have a positive).
+    Returns (loss, number of examples that have a positive), and with `stats=True` a third item:
+      nce_chance           the loss of a retriever that scores every candidate the same (each positive's term is
+                           log(1 + |N(i)|)): the value the NCE sits at when it learns nothing;
+      inbatch_top1_is_pos  the share of examples whose best-scored candidate among all the batch's candidates is
+                           one of its positives (ties share the credit, so equal scores give exactly the chance);
+      inbatch_top1_chance  that share for a random choice: |positives of i in the batch| / |batch candidates|.
     """
     B, k, D = e_p.shape
     flat = e_p.reshape(B * k, D)
@@ -75,7 +81,32 @@ def multilabel_nce(e_q, e_p, positives, passage_ids, valid, example_mask, reduct
         per_ex = per_ex / jnp.maximum(npos, 1)
     use = (example_mask > 0) & (npos > 0)
     n = use.sum()
-    return jnp.where(use, per_ex, 0.0).sum() / jnp.maximum(n, 1), n
+    loss = jnp.where(use, per_ex, 0.0).sum() / jnp.maximum(n, 1)
+    if not stats:
+        return loss, n
+    mean_over = lambda x: jnp.where(use, x, 0.0).sum() / jnp.maximum(n, 1)
+    term = jnp.log1p(neg.sum(1).astype(jnp.float32))  # [B]
+    chance = term if reduction == "mean" else term * npos
+    pos_in_batch = is_pos_passage & fvalid[None, :]
+    top = top1_hit(s, pos_in_batch, jnp.broadcast_to(fvalid[None, :], s.shape))
+    rate = pos_in_batch.sum(1) / jnp.maximum(fvalid.sum(), 1)
+    return loss, n, {"nce_chance": mean_over(chance), "inbatch_top1_is_pos": mean_over(top),
+                     "inbatch_top1_chance": mean_over(rate)}
+
+
+def top1_hit(scores, is_pos, valid):
+    """Per row: the share of the best-scored valid candidates that are positives (1/0 without ties; ties split the
+    credit, so a row of equal scores gets exactly |positives| / |valid|). scores, is_pos, valid: [B, n]."""
+    s = jnp.where(valid, scores, NEG)
+    at_max = valid & (s >= s.max(-1, keepdims=True))
+    return (at_max & is_pos).sum(-1) / jnp.maximum(at_max.sum(-1), 1)
+
+
+def kl_chance(p_t, valid):
+    """KL(P_T || uniform) per row: the self-distillation loss of a retriever that scores every candidate the same."""
+    v = valid > 0
+    lp = jnp.log(jnp.where(v & (p_t > 0), p_t, 1.0))
+    return jnp.where(v, p_t * (lp + jnp.log(jnp.maximum(v.sum(-1, keepdims=True), 1))), 0.0).sum(-1)
 
 
 def self_distillation_kl(teacher_ll, scores, valid, example_mask, tau_t: float, tau_r: float):
@@ -97,13 +128,19 @@ def self_distillation_kl(teacher_ll, scores, valid, example_mask, tau_t: float, 
     return jnp.where(use, kl, 0.0).sum() / jnp.maximum(n, 1), pt, jnp.exp(lr)
 
 
-def stage_at(step, total_steps: int, warmup_share: float, stages: str):
-    """Which retrieval loss a step uses: "warmup" (NCE) for the first warmup_share of the steps, then "distill".
+def stage_at(step, total_steps: int, warmup_share: float, stages: str, retrieval_steps: int = 0):
+    """Which retrieval loss a step uses.
 
-    stages: "both" (the paper), "warmup" (NCE throughout), "distill" (KL throughout), "none" (no J_ret).
+    The first `retrieval_steps` steps train the retrieval path alone ("retrieval": NCE on the bottom group and
+    layer b's q/k projections, no generation loss; an option beyond the paper). The remaining steps follow
+    `stages`: "both" (the paper) = "warmup" (NCE) for the first warmup_share of them, then "distill" (KL);
+    "warmup" (NCE throughout), "distill" (KL throughout), "none" (no J_ret).
     """
+    if step < retrieval_steps:
+        return "retrieval"
     if stages in ("warmup", "distill", "none"):
         return stages
     if stages != "both":
         raise ValueError(f"unknown retrieval stages {stages!r}")
-    return "warmup" if step < int(round(warmup_share * total_steps)) else "distill"
+    rest = total_steps - retrieval_steps
+    return "warmup" if step - retrieval_steps < int(round(warmup_share * rest)) else "distill"

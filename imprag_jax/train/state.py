@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..model import ModelConfig, init_params, param_logical_axes
 from ..model.sharding import DEFAULT_RULES, logical_to_spec, tree_shardings, use_sharding
-from .step import StepConfig, step_keys, train_step
+from .step import StepConfig, loss_grad_norms, step_keys, train_step
 
 
 def _path_key(path):
@@ -76,11 +76,13 @@ def index_specs(n_pad: int, D: int, l_max: int, mesh, dtype=jnp.bfloat16):
 
 
 def compile_step(cfg: ModelConfig, sc: StepConfig, stage: str, tx, mesh, batch_shapes, rules=DEFAULT_RULES,
-                 state_abstract=None, index_abstract=None):
+                 state_abstract=None, index_abstract=None, kind: str = "step"):
     """Lower and compile the step for one stage ahead of the loop. Returns (compiled, shardings).
 
     index_abstract: `index_specs(...)` when the step mines candidates from the device index (then the compiled
-    step takes the index arrays as a fourth argument)."""
+    step takes the index arrays as a fourth argument).
+    kind: "step" (state, batch, bias_scale[, index]) -> (new state, metrics), the state donated; or "grad_norms"
+    (same arguments) -> {"grad_norm_gen", "grad_norm_ret"} (`step.loss_grad_norms`), nothing donated."""
     s_shard, s_abs = state_shardings(cfg, tx, mesh, rules)
     if state_abstract is not None:
         s_abs = state_abstract
@@ -89,6 +91,8 @@ def compile_step(cfg: ModelConfig, sc: StepConfig, stage: str, tx, mesh, batch_s
 
     def fn(state, batch, bias_scale, index=None):
         with use_sharding(mesh, rules):
+            if kind == "grad_norms":
+                return loss_grad_norms(state, batch, bias_scale, index, cfg=cfg, sc=sc, stage=stage)
             return train_step(state, batch, bias_scale, index, cfg=cfg, sc=sc, stage=stage, tx=tx)
 
     in_sh = (s_shard, b_shard, rep)
@@ -96,7 +100,12 @@ def compile_step(cfg: ModelConfig, sc: StepConfig, stage: str, tx, mesh, batch_s
     if index_abstract is not None:
         in_sh = in_sh + ({k: v.sharding for k, v in index_abstract.items()},)
         args_extra = (index_abstract,)
-    jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(s_shard, rep), donate_argnums=(0,))
+    if kind == "grad_norms":
+        jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=rep)
+    elif kind == "step":
+        jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(s_shard, rep), donate_argnums=(0,))
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
     s_abs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s_abs, s_shard)
     b_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in b_abs.items()}
     lowered = jitted.lower(s_abs, b_abs, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep), *args_extra)

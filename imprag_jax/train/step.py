@@ -55,6 +55,7 @@ class StepConfig:
     candidates: str = "pseudo"  # "pseudo" | "index" | "mixed": negatives mined from the model's own index
     n_replace: int = 0  # negatives replaced by mined passages per example ("index": all of them)
     n_index: int = 0  # real rows of the device index (static)
+    clip: float = 0.0  # the optimizer's global-norm clip (only for the "clipped" metric; 0 = none)
     teacher_len: int = 0  # >0: the teacher reads only the first teacher_len prompt+response tokens (rows that are
     #                       longer leave the KL); saves the B*k prompt copies' padding when retrieval rows are short
 
@@ -148,15 +149,32 @@ def free_rows_nll(params, cfg: ModelConfig, sc: StepConfig, batch):
     return losses.generation_nll(lp, valid)
 
 
+def _retrieval_health(metrics, scores, pos, valid, example_mask):
+    """Own-candidate top-1 rate (tie-aware) and its chance level, over the examples that take the retrieval loss."""
+    n = jnp.maximum(example_mask.sum(), 1)
+    hit = losses.top1_hit(scores, pos, valid)
+    chance = pos.sum(-1) / jnp.maximum(valid.sum(-1), 1)
+    metrics["cand_top1_is_pos"] = jnp.where(example_mask, hit, 0.0).sum() / n
+    metrics["cand_top1_chance"] = jnp.where(example_mask, chance, 0.0).sum() / n
+
+
 def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[str, jax.Array], bias_scale,
-            index=None):
+            index=None, part: str = "total"):
+    """(J, metrics). part: which loss is returned for differentiation -- "total" (J_gen + lam * J_ret, the step),
+    "gen" or "ret" (the per-loss gradient norms at log steps); the metrics are the same for all three.
+
+    stage "retrieval" trains the retrieval path alone: the bottom group (embeddings frozen) and layer b's q/k
+    projections under the NCE, nothing above layer b is run."""
+    if stage == "retrieval":  # the embedding table is also the LM head: keep it out of a retrieval-only update
+        params = {**params, "embed": jax.lax.stop_gradient(params["embed"])}
     tokens, mask = batch["tokens"], batch["mask"]
     h_q = run_bottom(params, cfg, tokens, mask)
     e_q = retrieval_embedding(params, cfg, h_q, batch["prompt_mask"], "q")
     mined = None
     if index is not None and sc.n_replace > 0:
         batch, mined = mine_from_index(e_q, batch, index, sc)
-    free_sum, free_n = free_rows_nll(params, cfg, sc, batch)
+    z = jnp.zeros((), jnp.float32)
+    free_sum, free_n = free_rows_nll(params, cfg, sc, batch) if stage != "retrieval" else (z, z)
     pmask = batch["passage_mask"]
     B, k, L = batch["passages"].shape
     if k == 0:  # closed book: the plain decoder, generation loss only
@@ -164,9 +182,8 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
         lp, rvalid = _response_logprobs(params, cfg, h, tokens, batch["loss_mask"], sc.r_len)
         gen_sum, n_tok = losses.generation_nll(lp, rvalid)
         gen = (gen_sum + free_sum) / jnp.maximum(n_tok + free_n, 1.0)
-        z = jnp.zeros((), jnp.float32)
-        return gen, {"gen_nll": gen, "n_tokens": n_tok + free_n, "n_ret_examples": z, "cand_top1_is_pos": z,
-                     "ret_loss": z, "loss": gen}
+        return (z if part == "ret" else gen), {"gen_nll": gen, "n_tokens": n_tok + free_n, "n_ret_examples": z,
+                                               "cand_top1_is_pos": z, "ret_loss": z, "loss": gen}
     valid = (pmask.sum(-1) > 0) & (batch["passage_ids"] >= 0)  # [B, k]
     example_mask = valid.any(-1)
 
@@ -177,35 +194,43 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
     h_p = h_p.reshape(B, k, L, -1)
     scores = jnp.einsum("bd,bkd->bk", e_q, e_p, preferred_element_type=jnp.float32)
 
-    bias = None
-    if sc.score_bias:
-        g = jax.nn.log_softmax(jnp.where(valid, scores, losses.NEG), axis=-1)
-        g = jnp.where(valid, g, 0.0)
-        if not sc.score_bias_grad:
-            g = jax.lax.stop_gradient(g)
-        bias = (bias_scale * jnp.repeat(g, L, axis=1))  # [B, k*L]
+    if stage == "retrieval":
+        gen = z
+        metrics = {"gen_nll": z, "n_tokens": z}
+    else:
+        bias = None
+        if sc.score_bias:
+            g = jax.nn.log_softmax(jnp.where(valid, scores, losses.NEG), axis=-1)
+            g = jnp.where(valid, g, 0.0)
+            if not sc.score_bias_grad:
+                g = jax.lax.stop_gradient(g)
+            bias = (bias_scale * jnp.repeat(g, L, axis=1))  # [B, k*L]
 
-    # middle (passages jointly) and the prompt's reading
-    pkv = passage_kv(params, cfg, h_p, pmask)
-    h = prompt_through(params, cfg, h_q, mask, pkv, prompt_offset(cfg, k, L), bias)
-    lp, rvalid = _response_logprobs(params, cfg, h, tokens, batch["loss_mask"], sc.r_len)
-    gen_sum, n_tok = losses.generation_nll(lp, rvalid)
-    gen = (gen_sum + free_sum) / jnp.maximum(n_tok + free_n, 1.0)  # every response token of the batch weighs the same
+        # middle (passages jointly) and the prompt's reading
+        pkv = passage_kv(params, cfg, h_p, pmask)
+        h = prompt_through(params, cfg, h_q, mask, pkv, prompt_offset(cfg, k, L), bias)
+        lp, rvalid = _response_logprobs(params, cfg, h, tokens, batch["loss_mask"], sc.r_len)
+        gen_sum, n_tok = losses.generation_nll(lp, rvalid)
+        gen = (gen_sum + free_sum) / jnp.maximum(n_tok + free_n, 1.0)  # every response token of the batch weighs the same
+        metrics = {"gen_nll": gen, "n_tokens": n_tok + free_n}
 
-    metrics = {"gen_nll": gen, "n_tokens": n_tok + free_n,
-               "n_ret_examples": example_mask.sum().astype(jnp.float32)}
+    metrics["n_ret_examples"] = example_mask.sum().astype(jnp.float32)
     if mined is not None:
         metrics["mined_per_example"] = mined.sum() / jnp.maximum(example_mask.sum(), 1)
     pos = (batch["positives"] > 0) & valid
-    top = jnp.argmax(jnp.where(valid, scores, losses.NEG), axis=-1)
-    hit = jnp.take_along_axis(pos, top[:, None], axis=1)[:, 0]
-    metrics["cand_top1_is_pos"] = (hit & example_mask).sum() / jnp.maximum(example_mask.sum(), 1)
+    _retrieval_health(metrics, jax.lax.stop_gradient(scores), pos, valid, example_mask)
+    metrics["score_mean"] = jnp.where(valid, scores, 0.0).sum() / jnp.maximum(valid.sum(), 1)
+    metrics["score_std"] = jnp.sqrt(jnp.maximum(jnp.where(valid, (scores - metrics["score_mean"]) ** 2, 0.0).sum()
+                                                / jnp.maximum(valid.sum(), 1), 0.0))
 
-    ret = jnp.zeros((), jnp.float32)
-    if stage == "warmup":
-        ret, _ = losses.multilabel_nce(e_q, e_p, batch["positives"], batch["passage_ids"], valid.astype(jnp.int32),
-                                       example_mask, sc.nce_reduction)
+    ret = z
+    if stage in ("warmup", "retrieval"):
+        ret, _, st = losses.multilabel_nce(e_q, e_p, batch["positives"], batch["passage_ids"],
+                                           valid.astype(jnp.int32), example_mask, sc.nce_reduction, stats=True)
         metrics["nce"] = ret
+        metrics["ret_chance"] = st["nce_chance"]
+        metrics["inbatch_top1_is_pos"] = st["inbatch_top1_is_pos"]
+        metrics["inbatch_top1_chance"] = st["inbatch_top1_chance"]
     elif stage == "distill":
         Lt = sc.teacher_len if 0 < sc.teacher_len < tokens.shape[1] else tokens.shape[1]
         t_ll = teacher_loglik(params, cfg, sc, h_q[:, :Lt], mask[:, :Lt], tokens[:, :Lt], batch["loss_mask"][:, :Lt],
@@ -213,6 +238,8 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
         kl_rows = example_mask & (mask[:, Lt:].sum(-1) == 0) if Lt < tokens.shape[1] else example_mask
         ret, p_t, p_r = losses.self_distillation_kl(t_ll, scores, valid, kl_rows, sc.tau_t, sc.tau_r)
         metrics["kl"] = ret
+        use = kl_rows & (valid.sum(-1) > 1)
+        metrics["ret_chance"] = jnp.where(use, losses.kl_chance(p_t, valid), 0.0).sum() / jnp.maximum(use.sum(), 1)
         tt = jnp.argmax(jnp.where(valid, t_ll, losses.NEG), axis=-1)
         metrics["teacher_top1_is_pos"] = ((jnp.take_along_axis(pos, tt[:, None], 1)[:, 0]) & example_mask).sum() \
             / jnp.maximum(example_mask.sum(), 1)
@@ -221,7 +248,18 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
     total = gen + sc.lam * ret
     metrics["ret_loss"] = ret
     metrics["loss"] = total
-    return total, metrics
+    return {"total": total, "gen": gen, "ret": ret}[part], metrics
+
+
+def loss_grad_norms(state, batch, bias_scale, index=None, *, cfg: ModelConfig, sc: StepConfig, stage: str):
+    """Global norms of d J_gen / d params and d J_ret / d params (before clipping; J_ret without lam), computed
+    with two separate gradients on the same batch. Diagnostic: the trainer calls it at log steps only."""
+    batch = {k: batch[k] for k in step_keys(batch)}
+    out = {}
+    for part in ("gen", "ret"):
+        g = jax.grad(lambda p: loss_fn(p, cfg, sc, stage, batch, bias_scale, index, part=part)[0])(state["params"])
+        out[f"grad_norm_{part}"] = optax.tree.norm(g)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
@@ -276,5 +314,7 @@ def train_step(state, batch, bias_scale, index=None, *, cfg: ModelConfig, sc: St
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    if sc.clip > 0:
+        metrics["clipped"] = (metrics["grad_norm"] > sc.clip).astype(jnp.float32)
     metrics["param_norm"] = optax.tree.norm(new_params)
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

@@ -123,10 +123,19 @@ def evaluate(params, cfg: ModelConfig, c, data_dir: str, tokenizer, *, tasks, li
         corpus = corpus_tokens(data_dir, tokenizer, c.data.l_max)
     toks, mask = corpus
     texts = _passage_texts(data_dir)
+    rows = []
+    rec_modes = [m for m in modes if m in ("recall", "bm25_recall")]
+    modes = [m for m in modes if m not in rec_modes]
+    if rec_modes:  # retrieval only (no generation): the model's and BM25's recall over the same pool
+        from ..infer.recall import recall_rows
+
+        rows += recall_rows(params, cfg, data_dir, list(tasks), tokenizer, corpus=(toks, mask), texts=texts,
+                            modes=rec_modes, split=c.eval.split, limit=limit, L_q=config_lib.eval_L_q(c),
+                            add_bos=bool(c.data.add_bos), pool=int(c.eval.get("pool", 0)), seed=c.seed,
+                            batch_size=c.eval.batch_size)
     retriever = None
     if "imprag" in modes:
         retriever = Retriever.build(params, cfg, toks, mask, texts, step=step, mesh=None, backend=c.eval.backend)
-    rows = []
     for task in tasks:
         for mode in modes:  # every k of a mode in one pass over the data
             mode_ks = {"imprag": list(ks), "oracle": [1], "closed_book": [0]}.get(mode, [max(ks)])
@@ -148,8 +157,8 @@ def _passage_texts(data_dir: str):
 
 
 def results_table(rows) -> str:
-    cols = ["task", "mode", "k", "n", "em", "accuracy", "gold_recall@1", "gold_recall@5", "answer_recall@1",
-            "answer_recall@5", "answer_recall@10"]
+    cols = ["task", "mode", "k", "n", "em", "accuracy", "pool", "gold_recall@1", "gold_recall@5",
+            "chance_gold_recall@5", "gold_recall@20", "answer_recall@1", "answer_recall@5", "answer_recall@10"]
     cols = [c for c in cols if any(c in r and r[c] is not None for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -234,14 +243,19 @@ def train(c, workdir: str) -> Dict:
         n_rep = n_neg_slots if T.candidates == "index" else min(T.index_negatives, n_neg_slots)
         sc = dataclasses.replace(sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=len(ctoks))
         index_abs = index_specs(padded_rows(len(ctoks), mesh), cfg.retrieval_dim, bcfg.l_max, mesh)
-    stages_needed = sorted({stage_at(s, T.steps, T.warmup_share, T.stages) for s in (0, T.steps - 1)})
-    compiled = {}
+    R = int(T.get("retrieval_steps", 0))
+    stage_of = lambda s: stage_at(s, T.steps, T.warmup_share, T.stages, R)
+    stages_needed = sorted({stage_of(s) for s in range(start_step_hint(workdir), T.steps)} or {stage_of(0)})
+    compiled, probes = {}, {}
     for stage in stages_needed:
         t0 = time.time()
         compiled[stage], shard = compile_step(cfg, sc, stage, tx, mesh, shapes, rules, index_abstract=index_abs)
         mem = memory_report(compiled[stage])
         log(f"[train] compiled the '{stage}' step in {time.time() - t0:.1f}s; per-device memory: "
             + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if v))
+        if T.get("log_grad_norms", False) and not T.closed_book:
+            probes[stage], _ = compile_step(cfg, sc, stage, tx, mesh, shapes, rules, index_abstract=index_abs,
+                                            kind="grad_norms")
     s_shard, s_abs = state_shardings(cfg, tx, mesh, rules)
 
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -279,16 +293,35 @@ def train(c, workdir: str) -> Dict:
     t_start = time.time()
     t_last, s_last = time.time(), start
     last_metrics: Dict = {}
+    n_clipped = jnp.zeros((), jnp.float32)
     step = start
     stopped_early = False
     compiles_before = None
     cur_index = None
     next_batch = None
+    dev_corpus = []
+
+    def dev_eval(params, at: int):
+        if not dev_corpus:
+            from ..data.pipeline import corpus_tokens
+
+            dev_corpus.append(corpus_tokens(ddir, tokenizer, c.data.l_max))
+        rows = evaluate(params, cfg, c, ddir, tokenizer, tasks=parse(c.eval.dev_tasks), limit=c.eval.dev_limit,
+                        modes=parse(c.eval.get("dev_modes", "imprag")), ks=[1], step=at, corpus=dev_corpus[0])
+        writer.write(at, {f"dev/{r['task']}/{r['mode']}/{key}": v for r in rows for key, v in r.items()
+                          if isinstance(v, float)})
+        log(f"[dev] step {at}: " + "; ".join(
+            f"{r['task']} {r['mode']} " + " ".join(f"{key} {r[key]:.3f}" for key in
+                                                  ("em", "gold_recall@1", "gold_recall@5", "gold_recall@20")
+                                                  if r.get(key) is not None) for r in rows))
+
+    if T.eval_every and start == 0:  # the curve starts at the initial weights
+        dev_eval(state["params"], 0)
     _count_compiles()
     float(sched(start))  # warm the eager schedule ops so logging never compiles inside the loop
     try:
         for step in range(start, T.steps):
-            stage = stage_at(step, T.steps, T.warmup_share, T.stages)
+            stage = stage_of(step)
             host = data.batch(step) if step == start else next_batch
             if T.closed_book:
                 host = _drop_passages(host)
@@ -302,13 +335,21 @@ def train(c, workdir: str) -> Dict:
                                     "tokens": ix.tokens.astype(jnp.int32), "mask": ix.mask.astype(jnp.int32)}
                     cur_index = index_arrays
                 index_arrays = cur_index
+            log_step = (step + 1) % T.log_every == 0 or step + 1 == T.steps
+            norms = probes[stage](state, batch, jnp.float32(ramp), index_arrays) if log_step and stage in probes \
+                else None  # per-loss gradient norms on this step's batch, before the step donates the state
             state, metrics = compiled[stage](state, batch, jnp.float32(ramp), index_arrays)
+            if "clipped" in metrics:
+                n_clipped = n_clipped + metrics["clipped"]
             data.set_state({"step": step + 1})
             next_batch = data.batch(step + 1) if step + 1 < T.steps else None  # overlaps with the device step
-            if (step + 1) % T.log_every == 0 or step + 1 == T.steps:
-                m = jax.device_get(metrics)
+            if log_step:
+                m = jax.device_get({**metrics, **(norms or {}), "n_clipped": n_clipped})
                 now = time.time()
                 m = {k: float(v) for k, v in m.items()}
+                m["clip_fraction"] = m.pop("n_clipped") / max(step + 1 - s_last, 1)
+                m.pop("clipped", None)
+                n_clipped = jnp.zeros((), jnp.float32)
                 m.update(stage=stage, lr=float(sched(step)), steps_per_s=(step + 1 - s_last) / (now - t_last),
                          tokens_per_s=(step + 1 - s_last) * tokens_per_step / (now - t_last),
                          elapsed_s=now - t_start)
@@ -319,15 +360,12 @@ def train(c, workdir: str) -> Dict:
                                  tok_s=f"{m['tokens_per_s']:.0f}")
                 if pbar.disable:
                     log(f"[train] step {step + 1}/{T.steps} {stage} loss {m['loss']:.4f} gen {m['gen_nll']:.4f} "
-                        f"ret {m['ret_loss']:.4f} {m['tokens_per_s']:.0f} tok/s")
+                        + health_line(m) + f" {m['tokens_per_s']:.0f} tok/s")
             pbar.update(1)
             if T.ckpt_every and (step + 1) % T.ckpt_every == 0:
                 save(step + 1)
             if T.eval_every and (step + 1) % T.eval_every == 0 and step + 1 < T.steps:
-                rows = evaluate(state["params"], cfg, c, ddir, tokenizer, tasks=parse(c.eval.dev_tasks),
-                                limit=c.eval.dev_limit, modes=["imprag"], ks=[1], step=step + 1)
-                writer.write(step + 1, {f"dev/{r['task']}/{key}": v for r in rows for key, v in r.items()
-                                        if isinstance(v, float)})
+                dev_eval(state["params"], step + 1)
             if stopper.requested:
                 stopped_early = True
                 break
@@ -352,6 +390,7 @@ def train(c, workdir: str) -> Dict:
         data.close()
     train_s = time.time() - t_start
     result = {"step": done, "train_seconds": train_s, "metrics": last_metrics, "stopped_early": stopped_early,
+              "planned_steps": int(T.steps),
               "compiles_after_step_2": (_COMPILES[0] - compiles_before) if compiles_before is not None else None}
     if stopped_early is True:
         writer.close()
@@ -372,11 +411,47 @@ def train(c, workdir: str) -> Dict:
         with open(os.path.join(workdir, "eval", "final.json"), "w") as f:
             json.dump(result, f, indent=2)
         table = results_table(rows)
+        if stopped_early == "budget":  # the model is not the documented one: say so where the numbers are
+            table = budget_warning(T.time_budget_s, done, T.steps) + "\n\n" + table
         with open(os.path.join(workdir, "eval", "final.md"), "w") as f:
             f.write(f"# {c.name}: step {done}, {train_s:.0f}s training\n\n{table}\n")
         log(f"\n[eval] step {done} ({train_s:.0f}s training, {result['eval_seconds']:.0f}s evaluation)\n{table}")
     _sync_end()
     return result
+
+
+def budget_warning(budget_s: float, done: int, steps: int) -> str:
+    return (f"**WARNING: train.time_budget_s={budget_s:.0f} stopped training at step {done} of {steps}; these "
+            "results depend on the machine's speed and are not the config's documented ones.**")
+
+
+def health_line(m: Dict) -> str:
+    """The retrieval loss and top-1 rates beside their chance levels, the per-loss gradient norms and the share of
+    clipped updates, as one log fragment (keys that a step did not produce are left out)."""
+    parts = []
+    if "ret_chance" in m:
+        parts.append(f"ret {m['ret_loss']:.4f} (chance {m['ret_chance']:.4f})")
+    elif m.get("ret_loss"):
+        parts.append(f"ret {m['ret_loss']:.4f}")
+    if "inbatch_top1_is_pos" in m:
+        parts.append(f"top1 {m['inbatch_top1_is_pos']:.3f} (chance {m['inbatch_top1_chance']:.3f})")
+    elif "cand_top1_chance" in m:
+        parts.append(f"top1 {m['cand_top1_is_pos']:.3f} (chance {m['cand_top1_chance']:.3f})")
+    if "grad_norm_gen" in m:
+        parts.append(f"|g_gen| {m['grad_norm_gen']:.3g} |g_ret| {m['grad_norm_ret']:.3g}")
+    if "grad_norm" in m:
+        parts.append(f"|g| {m['grad_norm']:.3g}")
+    if "clip_fraction" in m:
+        parts.append(f"clipped {m['clip_fraction']:.2f}")
+    return " ".join(parts)
+
+
+def start_step_hint(workdir: str) -> int:
+    """The step a run in `workdir` resumes from (the latest checkpoint folder's number; 0 when none), read from the
+    folder names so that the compiled stages can be chosen before the checkpoint manager opens."""
+    d = os.path.join(workdir, "checkpoints")
+    steps = [int(x) for x in os.listdir(d) if x.isdigit()] if os.path.isdir(d) else []
+    return max(steps) if steps else 0
 
 
 def _sync_end():
