@@ -36,7 +36,10 @@ def llama3_config(size: str, arg: str):
                         intermediate_size=a["intermediate_size"], num_layers=a["num_layers"],
                         num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
                         rope_theta=a["rope_theta"], tie_embeddings=a["tie_embeddings"], b=a["b"], t=a["t"],
-                        dtype="bfloat16", remat="full", max_position=131072, init_std=0.02))
+                        dtype="bfloat16", remat="full", max_position=131072, init_std=0.02,
+                        # s(q,p) = q.k / sqrt(head_dim), as attention: a pretrained model's raw layer-b products
+                        # saturate the NCE (measured on SmolLM2, docs/results.md section 3a)
+                        score_scale="sqrt_dim"))
     c.model.rope_scaling = dict(rope_type="llama3", factor=a["rope_factor"], low_freq_factor=1.0,
                                 high_freq_factor=4.0, original_max_position_embeddings=8192)
     # data: the KILT-format training set (NQ + HotpotQA in the paper) prepared with imprag_jax.data.prepare

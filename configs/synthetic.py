@@ -1,7 +1,11 @@
 """A ~1M-parameter Llama trained from scratch on the synthetic world (the README's main job, <= 10 min on 2 cores).
 
-Recipe (docs/feasibility notes; every choice measured in docs/results.md): tied embeddings scaled by sqrt(d),
-counterfactual gold and negative passages, retrieval-free format examples, lambda = 1, pre-RoPE embeddings.
+Recipe (docs/feasibility notes; docs/results.md section 1 lists where it differs from the paper and what each
+choice measured): gold positives (data.positives = "gold", not the paper's pseudo-labels), the multi-label NCE
+throughout (stages = "warmup", not NCE then self-distillation), score-bias reading (an extension), an independent
+middle group, tied embeddings scaled by sqrt(d) with init_std = d^-0.5, counterfactual gold and negative passages,
+retrieval-free format examples; where the paper is silent: lambda = 1, pre-RoPE embeddings. The experiments row
+closest to the paper's recipe is `warmup_distill` (experiments/synthetic.py).
 
   python -m imprag_jax.train --config configs/synthetic.py --workdir runs/synthetic
   python -m imprag_jax.train --config configs/synthetic.py:smoke --workdir /tmp/smoke
@@ -9,12 +13,17 @@ counterfactual gold and negative passages, retrieval-free format examples, lambd
 
 Baselines from the same code, data and budget (paper Tables 2/3 at small scale; combine with `smoke`, e.g.
 `:smoke,ra_it`):
-  closed_book   no passages in training or evaluation
+  closed_book   no retrieved passages in training or evaluation (the retrieval-free format rows, passage in the
+                prompt, stay); real facts (cf = 0)
   ra_it         RA-IT: the BM25 top-k read in context through every layer (b = 0, t = N-1: the reader is the plain
                 decoder over [passage slots ; prompt]), fine-tuned the same way without a retrieval loss;
                 evaluated reading the stored BM25 top k (mode bm25)
-  warmup_only   ImpRAG with the warmup objective (NCE on the candidates) throughout
-  distill_only  ImpRAG with self-distillation (KL) throughout
+  warmup_only   ImpRAG with the warmup objective throughout: the multi-label NCE with the gold passage as the
+                positive (data.positives = "gold"; not the paper's pseudo-labels) against its 3 negatives and the
+                other candidates of the batch; the same training as the default config, which already sets
+                stages = "warmup"
+  distill_only  ImpRAG with self-distillation (KL over each example's 4 candidates: gold + 3 negatives) throughout,
+                no NCE
 """
 import os
 import sys

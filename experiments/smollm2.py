@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _runner import check_row, record  # noqa: E402
 TASKS = "nq,squad,trex,scifact,hotpotqa"
+# passages of 128 tokens as the retriever row's (its E_p is the end marker's key state), a 4,000-passage pool
+FULL_EVAL = ["--config.data.l_max=128", "--config.eval.pool=4000", "--config.eval.limit=100"]
 # row: (config arguments, evaluate the initial weights?, extra overrides, data, what it is); data "limit" = the
 # `--limit`-prepared mini-KILT, "full" = the whole mini-KILT (every NQ and SQuAD training question)
 ROWS = {
@@ -47,6 +49,15 @@ ROWS = {
                        "as `retriever` with mean pooling over the tokens (an option beyond the paper)"),
     "retriever_raw": ("retriever", False, ["--config.model.score_scale=raw"], "full",
                       "as `retriever` with the raw dot product (the paper's Eq. 3 as written)"),
+    # the real-data comparison on the retriever's budget: every row fine-tunes at the cpu shapes on the whole
+    # mini-KILT and evaluates over a 4,000-passage pool holding the evaluated questions' gold passages
+    "closed_book_full": ("cpu,closed_book", False, FULL_EVAL, "full", "fine-tuned without passages"),
+    "ra_it_full": ("cpu,ra_it", False, FULL_EVAL, "full", "RA-IT: fine-tuned with the BM25 top 4 in context"),
+    "imprag_warmup_r": ("cpu", False, FULL_EVAL + ["--config.train.init_from={retriever}",
+                                                   "--config.train.stages=warmup"], "full",
+                        "ImpRAG from the `retriever` row's weights: NCE + generation loss (warmup only)"),
+    "imprag_distill_r": ("cpu", False, FULL_EVAL + ["--config.train.init_from={retriever}"], "full",
+                         "ImpRAG from the `retriever` row's weights: NCE warmup, then self-distillation"),
 }
 
 
@@ -78,7 +89,9 @@ def prepare(out: str, limit: int, full: bool = False) -> str:
 def row_command(row: str, data: str, wd: str, steps: int, seed: int = 0) -> list:
     args, zero_shot, extra, _, _ = ROWS[row]
     cfg = os.path.join(ROOT, "configs", "smollm2.py") + ":" + args
-    common = [f"--config.data.dir={data}", f"--config.seed={seed}"] + list(extra)
+    retriever = os.path.join(os.path.dirname(os.path.normpath(wd)), "retriever")  # the retriever row's run
+    common = [f"--config.data.dir={data}", f"--config.seed={seed}"] + [x.replace("{retriever}", retriever)
+                                                                       for x in extra]
     if args != "retriever":
         common.append(f"--config.eval.tasks={TASKS}")
     if zero_shot:

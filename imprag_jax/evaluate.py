@@ -36,7 +36,8 @@ flags.DEFINE_string("workdir", None, "The training run directory.")
 flags.DEFINE_string("tasks", None, "Comma-separated tasks (default: the config's eval.tasks).")
 flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: the latest); 0 = the config's initial "
                      "(pretrained) weights, no training run needed (e.g. a zero-shot baseline).")
-flags.DEFINE_string("modes", None, "Comma-separated of imprag,oracle,closed_book,bm25 (default: eval.modes).")
+flags.DEFINE_string("modes", None, "Comma-separated of imprag,oracle,closed_book,bm25 (generation) and recall,"
+                    "bm25_recall (retrieval only, over eval.pool passages) (default: eval.modes).")
 flags.DEFINE_string("k", None, "Comma-separated passages to read (default: eval.k).")
 flags.DEFINE_integer("limit", None, "Examples per task (default: eval.limit; 0 = all).")
 flags.DEFINE_string("split", None, "Split (default: eval.split).")
@@ -57,7 +58,7 @@ def _fmt(v):
 
 
 COLUMNS = ["task", "mode", "k", "n", "em", "f1", "accuracy", "answer_recall@1", "answer_recall@5", "answer_recall@10",
-           "gold_recall@1", "gold_recall@5", "gold_recall@10"]
+           "pool", "gold_recall@1", "gold_recall@5", "gold_recall@10", "gold_recall@20", "chance_gold_recall@5"]
 
 
 def markdown_table(rows) -> str:
@@ -163,9 +164,11 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     ks = [int(x) for x in _list(ks if ks is not None else E.k)] or [1]
     limit = E.limit if limit is None else limit
     limit = int(limit) if limit else None
-    bad = [m for m in modes if m not in MODES]
+    from .infer.recall import MODES as RECALL_MODES
+
+    bad = [m for m in modes if m not in MODES + RECALL_MODES]
     if bad or not modes:
-        raise RunError(f"unknown mode(s) {bad or modes}; choose from {', '.join(MODES)}")
+        raise RunError(f"unknown mode(s) {bad or modes}; choose from {', '.join(MODES + RECALL_MODES)}")
     if step is not None and int(step) == 0:  # the initial weights of the config (a pretrained model, untrained)
         if c.model.init == "random":
             raise RunError("--checkpoint 0 evaluates the config's initial weights, but model.init is 'random'")
@@ -191,15 +194,36 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
         from .infer.imprag import Retriever, passage_texts
 
         toks, mask = corpus_tokens(data_dir, tok, c.data.l_max)
+        pool_sel = None
+        if int(E.get("pool", 0)) > 0:  # index a pool holding every evaluated question's gold passage
+            from .infer.recall import eval_gold, pool_rows
+
+            pool_sel = pool_rows(len(toks), eval_gold(data_dir, tasks, tok, split=split, limit=limit,
+                                                      L_q=config_lib.eval_L_q(c), add_bos=bool(c.data.add_bos)),
+                                 int(E.pool), int(c.seed))
         retriever = Retriever.build(params, cfg, toks, mask, passage_texts(data_dir), step=step,
-                                    backend=backend or E.backend)
+                                    backend=backend or E.backend, rows=pool_sel)
     index_s = time.time() - t0
     total = sum(count_examples(data_dir, t, split, limit) for t in tasks) * len(modes)
     bar = tqdm(total=total, desc="evaluate", unit="ex", dynamic_ncols=True, mininterval=1.0,
                disable=not progress or not cli.stderr_is_terminal())  # no bar in a redirected log
     rows, preds = [], ([] if predictions else None)
+    rec_modes = [m for m in modes if m in RECALL_MODES]
+    if rec_modes:  # retrieval only: the model's and BM25's recall over the same pool (eval.pool), no generation
+        from .data.pipeline import corpus_tokens
+        from .infer.imprag import passage_texts
+        from .infer.recall import recall_rows
+
+        t1 = time.time()
+        rows += recall_rows(params, cfg, data_dir, tasks, tok, corpus=corpus_tokens(data_dir, tok, c.data.l_max),
+                            texts=passage_texts(data_dir), modes=rec_modes, split=split, limit=limit,
+                            L_q=config_lib.eval_L_q(c), add_bos=bool(c.data.add_bos), pool=int(E.get("pool", 0)),
+                            seed=int(c.seed), batch_size=int(batch_size or E.batch_size))
+        for r in rows:
+            r["seconds"] = round(time.time() - t1, 2)
+        bar.update(sum(count_examples(data_dir, t, split, limit) for t in tasks) * len(rec_modes))
     for task in tasks:
-        for mode in modes:
+        for mode in [m for m in modes if m not in RECALL_MODES]:
             bar.set_postfix(task=task, mode=mode)
             t1 = time.time()
             rs = evaluate_modes(params, cfg, data_dir, task, tok, retriever, mode=mode, ks=ks, split=split,

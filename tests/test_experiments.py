@@ -53,12 +53,15 @@ def test_every_row_builds_its_config_and_overrides_existing_keys(runners, tmp_pa
             assert any(x.endswith("world_q3") for x in cmd)
     for row, (args, zero_shot, extra, data, _) in sm.ROWS.items():
         c = _config("smollm2", args)
-        _check_overrides(c, extra)
+        _check_overrides(c, [x.replace("{retriever}", "R") for x in extra])
         if args == "retriever":  # the retrieval path alone, on the whole mini-KILT
             assert c.train.retrieval_steps == c.train.steps and data == "full"
             assert c.model.score_scale == "sqrt_dim" and c.eval.pool >= 3000
         else:
             assert c.data.batch_size == 4 and c.data.L_free == 160  # the cpu sizes
+        if any("init_from" in x for x in extra):  # starts from the retriever row's run beside it
+            cmd = sm.row_command(row, str(tmp_path / "d"), str(tmp_path / row), 0)
+            assert f"--config.train.init_from={tmp_path / 'retriever'}" in cmd
         cmd = sm.row_command(row, str(tmp_path / "d"), str(tmp_path / row), 0)
         assert ("--checkpoint" in cmd) == zero_shot
         cmd = sm.row_command(row, str(tmp_path / "d"), str(tmp_path / row), 50, seed=1)

@@ -420,3 +420,24 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(world_dir, tmp_path)
         out.append((rows, res["eval"]))
     assert out[0] == out[1]
     assert any("grad_norm_ret" in r and "ret_chance" in r and "clip_fraction" in r for r in out[0][0])
+
+
+def test_init_from_starts_a_run_from_another_runs_parameters(world_dir, tmp_path):
+    from imprag_jax.infer.session import restore_params
+    from imprag_jax.train.config_lib import ConfigError
+    from imprag_jax.train.trainer import train
+
+    a = tiny_config(world_dir, steps=4, log_every=2)
+    train(a, str(tmp_path / "a"))
+    pa, _, _ = restore_params(str(tmp_path / "a"))
+    b = tiny_config(world_dir, steps=1, log_every=1, lr=1e-12, warmup_steps=1, init_from=str(tmp_path / "a"))
+    train(b, str(tmp_path / "b"))
+    pb, _, _ = restore_params(str(tmp_path / "b"))
+    d = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+    assert d < 1e-6, d  # one step at lr 1e-12 away from run a's weights (a fresh init is ~0.1 away)
+    bad = tiny_config(world_dir, steps=1, init_from=str(tmp_path / "a"))
+    bad.model.hidden_size = 32
+    with pytest.raises(ConfigError, match="another architecture"):
+        train(bad, str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="init_from"):
+        train(tiny_config(world_dir, steps=1, init_from=str(tmp_path / "nope")), str(tmp_path / "d"))

@@ -115,7 +115,7 @@ class Retriever:
     """
 
     def __init__(self, index, tokens: np.ndarray, mask: np.ndarray, texts: Optional[Sequence[str]] = None,
-                 backend: str = "exact"):
+                 backend: str = "exact", rows: Optional[np.ndarray] = None):
         from ..retrieval.search import BACKENDS
 
         if backend not in BACKENDS + ("scann",):
@@ -124,17 +124,26 @@ class Retriever:
             texts, backend
         if len(self.tokens) != index.n:
             raise ValueError(f"the index has {index.n} rows but the corpus {len(self.tokens)} passages")
+        # rows: when the index holds a pool (a subset of the knowledge source), the knowledge-source row of each of
+        # its passages (sorted); search returns and gather takes knowledge-source rows either way
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
+        if self.rows is not None and (len(self.rows) != index.n or np.any(np.diff(self.rows) <= 0)):
+            raise ValueError("rows must be the sorted knowledge-source rows of the index's passages")
         self._scann = None
 
     @classmethod
     def build(cls, params, cfg: ModelConfig, tokens, mask, texts=None, *, step: int = 0, batch_size: int = 256,
-              mesh=None, backend: str = "exact", progress: bool = False):
-        """Encode the corpus with the model's bottom group (E_p of every passage) and index it."""
+              mesh=None, backend: str = "exact", progress: bool = False, rows=None):
+        """Encode the corpus with the model's bottom group (E_p of every passage) and index it. rows: index only
+        these knowledge-source rows of `tokens`/`mask` (an evaluation pool); `texts` stay the whole source's."""
         from ..retrieval import encode_corpus
 
+        if rows is not None:
+            rows = np.asarray(rows, np.int64)
+            tokens, mask = np.asarray(tokens)[rows], np.asarray(mask)[rows]
         index = encode_corpus(params, cfg, tokens, mask, batch_size=batch_size, mesh=mesh, step=step,
                               keep_tokens=False, progress=progress)
-        return cls(index, tokens, mask, texts, backend)
+        return cls(index, tokens, mask, texts, backend, rows=rows)
 
     @classmethod
     def from_embeddings(cls, embeddings, tokens, mask, texts=None, *, backend: str = "exact", step: int = 0):
@@ -158,13 +167,23 @@ class Retriever:
                 from ..retrieval.scann_backend import ScannIndex
 
                 self._scann = ScannIndex.build(self.index, k=max(k, 10))
-            return self._scann.search(np.asarray(e_q, np.float32), k)
-        scores, ids = _device_search(self.index, jnp.asarray(e_q), k, self.backend)
-        return np.asarray(scores), np.asarray(ids)
+            scores, ids = self._scann.search(np.asarray(e_q, np.float32), k)
+        else:
+            scores, ids = _device_search(self.index, jnp.asarray(e_q), k, self.backend)
+        scores, ids = np.asarray(scores), np.asarray(ids)
+        if self.rows is not None:
+            ids = np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
+        return scores, ids
 
     def gather(self, ids: np.ndarray):
         """Token ids / mask [B, k, l_max] of the passages `ids` [B, k] (-1: an empty, fully masked slot)."""
         ids = np.asarray(ids)
+        if self.rows is not None:
+            local = np.searchsorted(self.rows, np.maximum(ids, 0))
+            local = np.minimum(local, len(self.rows) - 1)
+            if np.any((ids >= 0) & (self.rows[local] != ids)):
+                raise ValueError("gather: a passage outside the retriever's pool")
+            ids = np.where(ids >= 0, local, -1)
         safe = np.maximum(ids, 0)
         t, m = self.tokens[safe], self.mask[safe] * (ids >= 0)[..., None]
         return t, m

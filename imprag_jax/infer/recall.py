@@ -44,6 +44,13 @@ def _collect(data_dir: str, task: str, split: str, tokenizer, *, limit, L_q: int
     return out
 
 
+def eval_gold(data_dir: str, tasks: Sequence[str], tokenizer, *, split: str = "dev", limit=None, L_q: int = 64,
+              add_bos: bool = True) -> List[List[int]]:
+    """The gold passage rows of every evaluated question of `tasks` (what a pool must hold)."""
+    return [g for t in tasks for g in _collect(data_dir, t, split, tokenizer, limit=limit, L_q=L_q, add_bos=add_bos,
+                                               batch_size=64)["gold"]]
+
+
 def pool_rows(n_passages: int, gold: Sequence[Sequence[int]], pool: int, seed: int = 0) -> np.ndarray:
     """Sorted passage rows of the evaluation pool: all of them (pool <= 0 or >= n), else every gold passage plus a
     seeded sample of the others up to `pool` rows."""

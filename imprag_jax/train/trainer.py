@@ -135,7 +135,15 @@ def evaluate(params, cfg: ModelConfig, c, data_dir: str, tokenizer, *, tasks, li
                             batch_size=c.eval.batch_size)
     retriever = None
     if "imprag" in modes:
-        retriever = Retriever.build(params, cfg, toks, mask, texts, step=step, mesh=None, backend=c.eval.backend)
+        pool_sel = None
+        if int(c.eval.get("pool", 0)) > 0:  # the index holds a pool with every evaluated question's gold passage
+            from ..infer.recall import eval_gold, pool_rows
+
+            gold = eval_gold(data_dir, list(tasks), tokenizer, split=c.eval.split, limit=limit,
+                             L_q=config_lib.eval_L_q(c), add_bos=bool(c.data.add_bos))
+            pool_sel = pool_rows(len(toks), gold, int(c.eval.pool), c.seed)
+        retriever = Retriever.build(params, cfg, toks, mask, texts, step=step, mesh=None, backend=c.eval.backend,
+                                    rows=pool_sel)
     for task in tasks:
         for mode in modes:  # every k of a mode in one pass over the data
             mode_ks = {"imprag": list(ks), "oracle": [1], "closed_book": [0]}.get(mode, [max(ks)])
@@ -192,6 +200,8 @@ def train(c, workdir: str) -> Dict:
     if c.model.init == "random":
         tokenizer = load_tokenizer(ddir)
     cfg, pre_params, pre_tok = load_model(c, tokenizer.vocab_size if tokenizer else None)
+    if T_init_from(c) and start_step_hint(workdir) == 0:  # start from another run's parameters (not resuming)
+        pre_params = params_from_run(T_init_from(c), cfg)
     tokenizer = tokenizer or pre_tok
     if tokenizer is None:
         tokenizer = load_tokenizer(ddir)
@@ -301,7 +311,17 @@ def train(c, workdir: str) -> Dict:
     next_batch = None
     dev_corpus = []
 
+    dev_seconds = [0.0]  # dev evaluations are not training: their time is kept out of the speed figures
+
     def dev_eval(params, at: int):
+        nonlocal t_last
+        t0 = time.time()
+        _dev_eval(params, at)
+        dt = time.time() - t0
+        dev_seconds[0] += dt
+        t_last += dt
+
+    def _dev_eval(params, at: int):
         if not dev_corpus:
             from ..data.pipeline import corpus_tokens
 
@@ -388,8 +408,8 @@ def train(c, workdir: str) -> Dict:
         mngr.wait_until_finished()
         mngr.close()
         data.close()
-    train_s = time.time() - t_start
-    result = {"step": done, "train_seconds": train_s, "metrics": last_metrics, "stopped_early": stopped_early,
+    train_s = time.time() - t_start - dev_seconds[0]
+    result = {"step": done, "train_seconds": train_s, "dev_eval_seconds": dev_seconds[0], "metrics": last_metrics, "stopped_early": stopped_early,
               "planned_steps": int(T.steps),
               "compiles_after_step_2": (_COMPILES[0] - compiles_before) if compiles_before is not None else None}
     if stopped_early is True:
@@ -418,6 +438,29 @@ def train(c, workdir: str) -> Dict:
         log(f"\n[eval] step {done} ({train_s:.0f}s training, {result['eval_seconds']:.0f}s evaluation)\n{table}")
     _sync_end()
     return result
+
+
+def T_init_from(c) -> str:
+    return str(c.train.get("init_from", "") or "")
+
+
+def params_from_run(run_dir: str, cfg: ModelConfig):
+    """The latest checkpoint's parameters of another run (e.g. the retrieval-path run whose retriever formed), as
+    the initial weights of this one; its architecture must be this config's (the ImpRAG split may differ)."""
+    from ..infer.session import RunError, restore_params
+
+    try:
+        params, step, have = restore_params(run_dir)
+    except RunError as e:
+        raise config_lib.ConfigError(f"train.init_from={run_dir!r}: {e}") from None
+    arch = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "tie_embeddings")
+    diff = {k: (getattr(have, k), getattr(cfg, k)) for k in arch if getattr(have, k) != getattr(cfg, k)}
+    if diff:
+        raise config_lib.ConfigError(f"train.init_from={run_dir!r} holds another architecture: "
+                                     + ", ".join(f"{k} {a} (config: {b})" for k, (a, b) in diff.items()))
+    log(f"[train] initial parameters from {run_dir} (step {step})")
+    return params
 
 
 def budget_warning(budget_s: float, done: int, steps: int) -> str:
