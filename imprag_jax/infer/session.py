@@ -191,9 +191,7 @@ class ImpRAGSession:
         """Right-padded [B, L_q] tokens / mask, each prompt cut from the left as in training."""
         from ..data.chunking import encode_prompt
 
-        from ..train import config_lib
-
-        L = config_lib.eval_L_q(self.c)
+        L = int(self.c.eval.get("L_q", 0) or self.c.data.L_q)  # eval.L_q, else data.L_q (train.config_lib.eval_L_q)
         toks = np.full((len(prompts), L), self.tok.pad_id, np.int32)
         mask = np.zeros((len(prompts), L), np.int32)
         bos = self.tok.bos_id if self.c.data.add_bos else None

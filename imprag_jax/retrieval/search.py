@@ -35,8 +35,6 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imprag_jax.retrieval.index import PassageIndex
-
 BACKENDS = ("exact", "binned", "approx")
 DEFAULT_RECALL = {"binned": 0.99, "approx": 0.95}
 NEG_INF = -jnp.inf
@@ -185,8 +183,14 @@ def _infer_row_sharding(x):
     return None, ()
 
 
+def _is_passage_index(x) -> bool:
+    """A `retrieval.index.PassageIndex` (checked by its fields: index.py imports this module for its `search`
+    method, so this module does not import index.py)."""
+    return all(hasattr(x, a) for a in ("embeddings", "n", "config_hash", "mesh"))
+
+
 def _resolve(index_or_arrays, mesh, n_valid, query_fingerprint):
-    if isinstance(index_or_arrays, PassageIndex):
+    if _is_passage_index(index_or_arrays):
         idx = index_or_arrays
         if query_fingerprint is not None and query_fingerprint != idx.config_hash:
             raise ValueError(

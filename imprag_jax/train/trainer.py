@@ -200,8 +200,8 @@ def train(c, workdir: str) -> Dict:
     if c.model.init == "random":
         tokenizer = load_tokenizer(ddir)
     cfg, pre_params, pre_tok = load_model(c, tokenizer.vocab_size if tokenizer else None)
-    if T_init_from(c) and start_step_hint(workdir) == 0:  # start from another run's parameters (not resuming)
-        pre_params = params_from_run(T_init_from(c), cfg)
+    if _init_from(c) and start_step_hint(workdir) == 0:  # start from another run's parameters (not resuming)
+        pre_params = params_from_run(_init_from(c), cfg)
     tokenizer = tokenizer or pre_tok
     if tokenizer is None:
         tokenizer = load_tokenizer(ddir)
@@ -440,7 +440,7 @@ def train(c, workdir: str) -> Dict:
     return result
 
 
-def T_init_from(c) -> str:
+def _init_from(c) -> str:
     return str(c.train.get("init_from", "") or "")
 
 
