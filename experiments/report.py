@@ -42,16 +42,17 @@ SMOLLM2_TASKS = [("nq", "NQ (seen)"), ("squad", "SQuAD (seen)"), ("trex", "T-REx
 TASKS = SYNTHETIC_TASKS
 
 
-def pick(evals: list, task: str):
-    """(EM or accuracy, gold recall@5) of the row's main reading mode for `task`: ImpRAG with its smallest k, else
-    bm25, else closed-book."""
+def pick(evals: list, task: str, f1: bool = False):
+    """(EM or accuracy, gold recall@5[, token F1]) of the row's main reading mode for `task`: ImpRAG with its
+    smallest k, else bm25, else closed-book."""
     rows = [e for e in evals if e["task"] == task]
     for mode in ("imprag", "bm25", "closed_book"):
         c = sorted([e for e in rows if e["mode"] == mode], key=lambda e: e["k"])
         if c:
             e = c[0]
-            return (e["accuracy"] if e.get("accuracy") is not None else e.get("em")), e.get("gold_recall@5")
-    return None, None
+            em = e["accuracy"] if e.get("accuracy") is not None else e.get("em")
+            return (em, e.get("gold_recall@5"), e.get("f1")) if f1 else (em, e.get("gold_recall@5"))
+    return (None, None, None) if f1 else (None, None)
 
 
 def fmt(vals: list) -> str:
@@ -83,30 +84,38 @@ def load(out: str) -> dict:
     return runs
 
 
-def table(runs: dict) -> str:
+def table(runs: dict, rows: list = (), f1: bool = False) -> str:
+    """One line per row (`rows`: only these, in this order); `f1`: a token-F1 column after each EM column."""
     em = lambda t: "acc." if t in ("fact_verification", "scifact") else "EM"  # noqa: E731  true/false tasks
-    head = "| row | seeds | steps | " + " | ".join(f"{n} {em(t)} | {n} R@5" for t, n in TASKS) + " | train s / run |"
-    sep = "|" + "---|" * (4 + 2 * len(TASKS))
+    per = (lambda t, n: f"{n} {em(t)} | {n} F1 | {n} R@5") if f1 else (lambda t, n: f"{n} {em(t)} | {n} R@5")
+    head = "| row | seeds | steps | " + " | ".join(per(t, n) for t, n in TASKS) + " | train s / run |"
+    sep = "|" + "---|" * (4 + (3 if f1 else 2) * len(TASKS))
     lines = [head, sep]
-    for row in row_names(runs):
+    missing = [r for r in rows if r not in runs]
+    if missing:
+        raise SystemExit(f"no results for row(s) {', '.join(missing)}")
+    for row in (list(rows) or row_names(runs)):
         rs = list(runs[row].values())
         cells = []
         for task, _ in TASKS:
-            ems, recs = zip(*[pick(r["eval"], task) for r in rs])
-            cells += [fmt(list(ems)), fmt(list(recs))]
+            vals = list(zip(*[pick(r["eval"], task, f1) for r in rs]))
+            if f1:
+                cells += [fmt(list(vals[0])), fmt(list(vals[2])), fmt(list(vals[1]))]
+            else:
+                cells += [fmt(list(vals[0])), fmt(list(vals[1]))]
         steps = sorted({r["steps"] for r in rs})
         secs = np.mean([r["train_seconds"] for r in rs])
         lines.append(f"| {row} | {len(rs)} | {'/'.join(map(str, steps))} | " + " | ".join(cells) + f" | {secs:.0f} |")
     return "\n".join(lines)
 
 
-def plot(runs: dict, path: str) -> None:
+def plot(runs: dict, path: str, rows: list = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = row_names(runs)
+    rows = list(rows) or row_names(runs)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     w = 0.8 / len(TASKS)
     for a, (what, idx) in zip(axes, (("EM", 0), ("gold recall@5", 1))):
@@ -136,17 +145,19 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default="", help="also write the table here")
     ap.add_argument("--png", default="", help="bar plot of EM and recall@5 per row and task")
     ap.add_argument("--smollm2", action="store_true", help="the SmolLM2 mini-KILT tasks (experiments/smollm2.py)")
+    ap.add_argument("--rows", default="", help="comma-separated rows to show, in this order (default: all)")
+    ap.add_argument("--f1", action="store_true", help="a token-F1 column beside each EM")
     a = ap.parse_args(argv)
     global TASKS
     TASKS = SMOLLM2_TASKS if a.smollm2 else SYNTHETIC_TASKS
     runs = load(a.out or os.path.join(ROOT, "runs", "experiments_smollm2" if a.smollm2 else "experiments"))
-    md = table(runs)
+    md = table(runs, [r for r in a.rows.split(",") if r], a.f1)
     print(md)
     if a.md:
         with open(a.md, "w") as f:
             f.write(md + "\n")
     if a.png:
-        plot(runs, a.png)
+        plot(runs, a.png, [r for r in a.rows.split(",") if r])
         print(f"wrote {a.png}")
     return 0
 

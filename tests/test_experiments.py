@@ -101,3 +101,24 @@ def test_a_finished_run_is_recorded_once(runners, tmp_path):
     assert lines[0]["final_metrics"] == {"gen_nll": 0.5} and lines[0]["steps"] == 7
     assert lines[0]["command"] == "python experiments/synthetic.py warmup_only --seed=3 --steps=1800"
     assert syn.main(["nope"]) == 2 and syn.main(["--list"]) == 0
+
+
+def test_report_f1_columns_and_row_selection(runners, tmp_path):
+    rep = runners["report"]
+    ev = lambda em, f1: [{"task": "nq", "mode": "imprag", "k": 4, "em": em, "f1": f1, "gold_recall@5": 0.5}]  # noqa: E731
+    lines = [dict(row=r, seed=0, steps=60, train_seconds=10.0, eval=ev(em, f1))
+             for r, em, f1 in (("ra_it_full", 0.2, 0.3), ("imprag_distill_r", 0.1, 0.25), ("retriever", 0.0, 0.0))]
+    with open(tmp_path / "results.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+    old = rep.TASKS
+    rep.TASKS = rep.SMOLLM2_TASKS
+    try:
+        runs = rep.load(str(tmp_path))
+        table = rep.table(runs, ["imprag_distill_r", "ra_it_full"], f1=True)
+        assert "| NQ (seen) EM | NQ (seen) F1 | NQ (seen) R@5 |" in table
+        assert "| imprag_distill_r | 1 | 60 | 0.100 | 0.250 | 0.500 |" in table
+        assert "retriever" not in table and table.index("imprag_distill_r") < table.index("ra_it_full")
+        with pytest.raises(SystemExit, match="no results for row"):
+            rep.table(runs, ["nope"])
+    finally:
+        rep.TASKS = old
