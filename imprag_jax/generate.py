@@ -53,7 +53,8 @@ def run_plain(args):
 
 def run_imprag(args):
     from .data import templates as T
-    from .infer.session import ImpRAGSession, RunError
+    from .run import RunError
+    from .run.session import ImpRAGSession
 
     prompts = _prompts(args)
     try:

@@ -26,3 +26,21 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"real data folder not found at {SHARED_DATA} (set IMPRAG_SHARED_DATA)")
     return SHARED_DATA
+
+
+def load_config(spec: str):
+    """configs/<file>.py[:arg] -> its ConfigDict, loaded by file path (as --config does; no sys.path changes)."""
+    from imprag_jax import cli
+
+    return cli.load_config_file(os.path.join(ROOT, "configs", spec))
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    """A small synthetic world (200 people), generated once per session; tests only read it (the record files
+    the pipeline caches in it are the same for every reader)."""
+    from imprag_jax.data.synthetic import World, WorldConfig, write_world
+
+    d = str(tmp_path_factory.mktemp("world"))
+    write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), d)
+    return d

@@ -100,21 +100,21 @@ def test_train_data_dir_that_does_not_exist_is_refused(tmp_path):
 
 
 def test_explicit_data_dir_that_does_not_exist_is_a_config_error(tmp_path):
-    """config_lib.data_dir: an explicit data.dir that does not exist is a typo, not a place to generate the world
+    """run.training_data_dir: an explicit data.dir that does not exist is a typo, not a place to generate the world
     (or prepare the mini-KILT) in; an existing one, even empty, still is (experiments/synthetic.py creates its
     shared world folder first, see below)."""
     from imprag_jax.cli import load_config_file
     from imprag_jax.model import ConfigError
-    from imprag_jax.train import config_lib
+    from imprag_jax import run
 
     c = load_config_file(os.path.join(ROOT, "configs", "synthetic.py") + ":smoke")
     c.data.dir = str(tmp_path / "nope")
     with pytest.raises(ConfigError, match="does not exist; leave data.dir empty"):
-        config_lib.data_dir(c, str(tmp_path / "w"))
+        run.training_data_dir(c, str(tmp_path / "w"))
     assert not (tmp_path / "nope").exists()
     c.data.kind = "minikilt"
     with pytest.raises(ConfigError, match="python -m imprag_jax.data.prepare"):
-        config_lib.data_dir(c, str(tmp_path / "w"))
+        run.training_data_dir(c, str(tmp_path / "w"))
     assert not (tmp_path / "nope").exists()
 
 

@@ -225,8 +225,8 @@ def test_evaluate_cli_writes_the_report(smoke_run):
 
 
 def test_evaluate_errors_are_clear(smoke_run, tmp_path):
-    from imprag_jax.evaluate import run
-    from imprag_jax.infer.session import RunError
+    from imprag_jax.evaluation import run
+    from imprag_jax.run import RunError
 
     with pytest.raises(RunError, match="does not exist"):
         run(None, str(tmp_path / "nope"))
