@@ -31,7 +31,7 @@ def run_plain(args):
     import jax
 
     from .convert.fetch import FetchError, resolve_model
-    from .infer.generate import greedy_generate
+    from .model.decode import greedy_generate
 
     try:
         cfg, params, tok = resolve_model(args.model)

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT
 from imprag_jax.infer import metrics as M
-from imprag_jax.infer.generate import greedy_generate, greedy_recompute
+from imprag_jax.model.decode import greedy_generate
+from oracles import greedy_recompute
 from imprag_jax.infer.imprag import Retriever, answer, read_passages, score_bias
 from imprag_jax.model import ModelConfig, init_params, read
 from imprag_jax.model.transformer import prompt_offset
