@@ -2,15 +2,13 @@
 model (E_q, E_p, top-k, greedy answers) on random tiny models, a trained synthetic run and SmolLM2."""
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import config_module
 
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 pytest.importorskip("safetensors")
 
@@ -210,15 +208,11 @@ def test_torch_reader_matches_jax_on_random_tiny(tmp_path, tie, rope, attn):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    import synthetic
-
-    from imprag_jax.data.synthetic import World, WorldConfig, write_world
+def trained_run(tmp_path_factory, world_dir):
     from imprag_jax.train.trainer import train
 
-    world = str(tmp_path_factory.mktemp("world"))
-    write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), world)
-    c = synthetic.get_config()
+    world = world_dir
+    c = config_module("synthetic").get_config()
     c.data.dir = world
     c.model.update(dict(b=1, t=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
                         init_std=0.125))
@@ -231,6 +225,7 @@ def trained_run(tmp_path_factory):
     return wd, world
 
 
+@pytest.mark.slow
 def test_export_cli_on_a_trained_run(trained_run, tmp_path):
     from imprag_jax.data.pipeline import corpus_tokens, eval_batches, load_tokenizer
     from imprag_jax.convert.export import load_export
@@ -270,6 +265,7 @@ def test_export_cli_on_a_trained_run(trained_run, tmp_path):
     assert rep["answers_same_passages"] == 1.0 and rep["answers_full_pipeline"] == 1.0
 
 
+@pytest.mark.data
 def test_smollm2_export_and_reader(tmp_path):
     from imprag_jax.convert.fetch import smollm2_path
 

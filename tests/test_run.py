@@ -140,6 +140,7 @@ def test_tokenizer_resolution_reads_no_weights(world_dir, tmp_path, monkeypatch)
     assert R.tokenizer(c, world_dir).encode(text) == want.encode(text)
 
 
+@pytest.mark.data
 def test_smollm2_tokenizer_without_the_weights(monkeypatch):
     from imprag_jax.convert.fetch import smollm2_path
 

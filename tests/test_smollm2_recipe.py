@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT, SHARED_DATA
 
+pytestmark = [pytest.mark.data, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):

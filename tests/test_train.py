@@ -11,24 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_with_devices
+from conftest import ROOT, config_module, run_with_devices
 
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-
-
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    from imprag_jax.data.synthetic import World, WorldConfig, write_world
-
-    d = str(tmp_path_factory.mktemp("world"))
-    write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), d)
-    return d
+pytestmark = pytest.mark.slow
 
 
 def tiny_config(world_dir, **train):
-    import synthetic
-
-    c = synthetic.get_config()
+    c = config_module("synthetic").get_config()
     c.data.dir = world_dir
     c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
                         init_std=0.125))
