@@ -65,7 +65,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from imprag_jax.infer.generate import _bucket, continue_and_decode, greedy_generate, stop_array
+    from imprag_jax.model.decode import _bucket, continue_and_decode, greedy_generate, stop_array
     from imprag_jax.infer.imprag import Retriever, encode, read_passages
     from imprag_jax.model import ModelConfig, init_params
     from imprag_jax.model.transformer import prompt_offset

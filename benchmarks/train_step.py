@@ -48,7 +48,6 @@ body per group (N = 3, b = t = 1; plain N = 1).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import gc
@@ -348,63 +347,63 @@ def compile_plain(cfg, tx, mesh, shape: Shape, loss: str, ce_chunk: int = 0, don
 
 
 # ================================================================================================ levers
-@contextlib.contextmanager
-def causal_attention_patch(active: bool, dense_len: Optional[int] = None):
-    """PROTOTYPE of a proposed model/layers.py change (benchmark-only, patched in while tracing): a
-    self-attention (Lq == Lk, no bias) calls `jax.nn.dot_product_attention(..., is_causal=True)` with NO dense
+_REGISTERED: Dict[str, str] = {}
+
+
+def causal_attention(dense_len: Optional[int] = None) -> str:
+    """PROTOTYPE of a proposed model/layers.py change (benchmark-only, registered as an attention implementation of
+    the layer): a self-attention (Lq == Lk, no bias) calls `jax.nn.dot_product_attention(..., is_causal=True)` with NO dense
     mask, so cuDNN skips the masked blocks and needs no [B, 1, L, L] bias (whose gradient it also writes).
     Exact for causal masks over right-padded or unpadded rows -- every self-attention of training except the
     joint middle group, whose slots carry padding inside.  dense_len: a self-attention of that length (the
     joint middle group and the teacher's independent pass, both k*l long) keeps the library path, which is
     what the proposed library change does (`attn=cudnn_causal`); None makes it causal too, exact only for full
     passages as in this benchmark (`attn=cudnn_causal_all`: what packing the passages would allow).  The
-    prompt's attention over [passage K/V ; own keys] (Lk > Lq) keeps the library path."""
-    if not active:
-        yield
-        return
+    prompt's attention over [passage K/V ; own keys] (Lk > Lq) keeps the library path.
+    Returns the `ModelConfig.attention_impl` name it is registered under (`model.layers.register_attention`).
+    """
     import jax
 
     from imprag_jax.model import layers
 
-    orig = layers.attention
+    on_gpu = jax.default_backend() == "gpu"
+    name = "cudnn_causal_all" if dense_len is None else f"cudnn_causal_dense{dense_len}"
+    if name in _REGISTERED:
+        return name
 
-    def attention(q, k, v, mask, bias=None, impl="xla", **kw):
-        on_gpu = jax.default_backend() == "gpu"
-        if (bias is None and q.shape[1] == k.shape[1] and impl == "cudnn"
-                and (dense_len is None or q.shape[1] != dense_len)):
+    def attention(q, k, v, mask, bias=None):
+        if bias is None and q.shape[1] == k.shape[1] and (dense_len is None or q.shape[1] != dense_len):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                 implementation="cudnn" if on_gpu else "xla")
-        if impl == "cudnn" and not on_gpu:
-            impl = "xla"
-        return orig(q, k, v, mask, bias, impl, **kw)
+        if on_gpu:
+            return layers.dot_product_attention(q, k, v, mask, bias, implementation="cudnn")
+        return layers.xla_attention(q, k, v, mask, bias)
 
-    layers.attention = attention
-    try:
-        yield
-    finally:
-        layers.attention = orig
+    _REGISTERED[name] = layers.register_attention(name, attention)
+    return name
 
 
-@contextlib.contextmanager
-def cudnn_off_gpu_patch(active: bool):
-    """--dry-run on a machine without a GPU: the library's cuDNN branch is traced with the same call to
-    `jax.nn.dot_product_attention` (same q/k/v/mask/bias shapes) but implementation="xla"."""
-    if not active:
-        yield
-        return
-    import jax
+def cudnn_traced_off_gpu() -> str:
+    """--dry-run on a machine without a GPU: the library's cuDNN path (the same `jax.nn.dot_product_attention`
+    call, same q/k/v/mask/bias shapes) with implementation="xla", as a registered attention implementation."""
+    import functools
 
-    orig = jax.nn.dot_product_attention
+    from imprag_jax.model import layers
 
-    def dpa(*a, **kw):
-        kw["implementation"] = "xla"
-        return orig(*a, **kw)
+    name = "cudnn_traced_as_xla"
+    if name not in _REGISTERED:
+        _REGISTERED[name] = layers.register_attention(
+            name, functools.partial(layers.dot_product_attention, implementation="xla"))
+    return name
 
-    jax.nn.dot_product_attention = dpa
-    try:
-        yield
-    finally:
-        jax.nn.dot_product_attention = orig
+
+def attention_impl(attn: str, kind: str, shape, on_gpu: bool) -> str:
+    """The ModelConfig.attention_impl of a variant's attn= value."""
+    if attn.startswith("cudnn_causal"):
+        return causal_attention(None if (attn == "cudnn_causal_all" or kind == "plain") else shape.k * shape.l)
+    if attn == "cudnn":
+        return "cudnn" if on_gpu else cudnn_traced_off_gpu()
+    return "xla"
 
 
 # ================================================================================================ measuring
@@ -706,32 +705,28 @@ def run_variant(v: dict, base: str, steps: int, dry: bool, info: dict) -> dict:
     on_gpu = info["backend"] == "gpu"
     dtype = "bfloat16" if on_gpu else "float32"
     cfg = model_config("tiny" if dry else base, dtype=dtype, remat=v.get("remat", "full"),
-                       attention_impl="cudnn" if attn.startswith("cudnn") else "xla")
+                       attention_impl=attention_impl(attn, kind, shape, on_gpu))
     ce = 0 if v.get("ce", "full") == "full" else int(v["ce"])
     donate = v.get("donate", "1") != "0"
     step_name = {"plain": "plain_lm", "warmup": "warmup", "distill": "distill"}[kind]
     mesh = make_mesh(devices=jax.devices()[:1])
     tx, _ = make_optimizer(1e-4, 1000, 10)
     t0 = time.perf_counter()
-    # create_state runs inside the patches too (harmless: init traces the XLA kernel whatever the config says)
-    with causal_attention_patch(attn.startswith("cudnn_causal"),
-                                None if (attn == "cudnn_causal_all" or kind == "plain") else shape.k * shape.l), \
-            cudnn_off_gpu_patch(attn == "cudnn" and not on_gpu):
-        if kind == "plain":
-            comp = compile_plain(cfg, tx, mesh, shape, "lm", ce, donate)
-            pb = {k: jnp.asarray(x) for k, x in plain_batch(shape, cfg.vocab_size).items()}
-            call = lambda s: comp(s, pb)
-            raw = comp
-        else:
-            ib = random_batch(shape, cfg.vocab_size)
-            keys = step_keys(ib)
-            cs, sh = compile_step(cfg, StepConfig(r_len=shape.L_r, r_len_free=shape.Lfr), kind, tx, mesh,
-                                  {k: (ib[k].shape, ib[k].dtype) for k in keys})
-            b = {k: jax.device_put(ib[k], sh["batch"][k]) for k in keys}
-            call = lambda s: cs(s, b, jnp.float32(0))
-            raw = cs.compiled
-        compile_s = time.perf_counter() - t0
-        state = create_state(cfg, tx, mesh, jax.random.key(0))
+    if kind == "plain":
+        comp = compile_plain(cfg, tx, mesh, shape, "lm", ce, donate)
+        pb = {k: jnp.asarray(x) for k, x in plain_batch(shape, cfg.vocab_size).items()}
+        call = lambda s: comp(s, pb)
+        raw = comp
+    else:
+        ib = random_batch(shape, cfg.vocab_size)
+        keys = step_keys(ib)
+        cs, sh = compile_step(cfg, StepConfig(r_len=shape.L_r, r_len_free=shape.Lfr), kind, tx, mesh,
+                              {k: (ib[k].shape, ib[k].dtype) for k in keys})
+        b = {k: jax.device_put(ib[k], sh["batch"][k]) for k in keys}
+        call = lambda s: cs(s, b, jnp.float32(0))
+        raw = cs.compiled
+    compile_s = time.perf_counter() - t0
+    state = create_state(cfg, tx, mesh, jax.random.key(0))
     state, m = call(state)
     loss = float(m["loss"])
     jax.block_until_ready(state)

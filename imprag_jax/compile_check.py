@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 GIB = 2 ** 30
 
@@ -84,23 +84,6 @@ def apply_overrides(c, sets: List[str], source: str = "the config"):
         except (TypeError, ValueError, AttributeError) as e:  # e.g. a string for an int field
             cli.fail(f"--set {s}: {cli.first_line(e)}", prefix="compile_check: config error")
     return c
-
-
-def batch_shapes(c, k_read: Optional[int] = None) -> Dict[str, tuple]:
-    """The global batch the trainer feeds the step (every array int32)."""
-    import numpy as np
-
-    B, Bf = c.data.batch_size, c.data.free_batch_size
-    L = c.data.L_q + c.data.L_r
-    Lf = c.data.get("L_free", 0) or L
-    k = c.data.k if k_read is None else k_read
-    i32 = np.dtype(np.int32)
-    out = {"tokens": ((B, L), i32), "mask": ((B, L), i32), "prompt_mask": ((B, L), i32),
-           "loss_mask": ((B, L), i32), "passages": ((B, k, c.data.l_max), i32),
-           "passage_mask": ((B, k, c.data.l_max), i32), "passage_ids": ((B, k), i32), "positives": ((B, k), i32)}
-    if Bf:
-        out.update({"free_tokens": ((Bf, Lf), i32), "free_mask": ((Bf, Lf), i32), "free_loss_mask": ((Bf, Lf), i32)})
-    return out
 
 
 def sharded_bytes(tree, shardings) -> float:
@@ -162,23 +145,13 @@ def temp_estimate(cfg, c, mesh_shape: Dict[str, int], stage: str, param_bytes: f
 def check(c, stages=("warmup", "distill"), log=print) -> dict:
     """Compile each stage of config `c` on the current (fake) devices; returns the report dict."""
     import jax
-    import numpy as np
 
-    from .model.sharding import make_mesh
-    from .train import config_lib
+    from .train.setup import build
     from .train.state import batch_specs, compile_step, memory_report, state_shardings
-    from .train.step import make_optimizer
 
-    vocab = c.model.vocab_size or None
-    cfg = config_lib.model_config(c, vocab)
-    sc = config_lib.step_config(c)
-    mesh = make_mesh(**dict(c.mesh))
-    rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) for r in c.rules)
+    s = build(c)  # the trainer's setup, with the batch shapes computed from the config
+    cfg, sc, tx, mesh, rules, shapes, k_read = s.cfg, s.sc, s.tx, s.mesh, s.rules, s.shapes, s.k_read
     T = c.train
-    tx, _ = make_optimizer(T.lr, T.steps, T.warmup_steps, end_lr_ratio=T.end_lr_ratio,
-                           weight_decay=T.weight_decay, b1=T.b1, b2=T.b2, clip=T.clip)
-    k_read = 0 if T.closed_book else c.data.k
-    shapes = batch_shapes(c, k_read)
     s_shard, s_abs = state_shardings(cfg, tx, mesh, rules)
     P = cfg.num_params()
     n_dev = mesh.devices.size

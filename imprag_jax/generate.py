@@ -31,7 +31,7 @@ def run_plain(args):
     import jax
 
     from .convert.fetch import FetchError, resolve_model
-    from .infer.generate import greedy_generate
+    from .model.decode import greedy_generate
 
     try:
         cfg, params, tok = resolve_model(args.model)
@@ -53,7 +53,8 @@ def run_plain(args):
 
 def run_imprag(args):
     from .data import templates as T
-    from .infer.session import ImpRAGSession, RunError
+    from .run import RunError
+    from .run.session import ImpRAGSession
 
     prompts = _prompts(args)
     try:

@@ -447,7 +447,7 @@ def smollm2_check(out: str, k: int = 2, l_max: int = 32, max_new_tokens: int = 8
     """Export SmolLM2-135M-Instruct (from the cached GGUF) with imprag.json and compare this reader with the JAX
     model on DEMO_CORPUS / DEMO_QUESTIONS. The JAX side uses the GGUF weights, the reader the export."""
     from .convert.fetch import resolve_model, smollm2_path
-    from .export import build_meta, export_model
+    from .convert.export import build_meta, export_model
 
     if smollm2_path() is None:
         raise FileNotFoundError("SmolLM2 is not cached: python -m imprag_jax.convert.fetch smollm2")
@@ -498,14 +498,14 @@ def _main(argv=None) -> int:
         return 0
 
     from .data.pipeline import corpus_tokens, eval_batches
-    from .export import load_export
+    from .convert.export import load_export
 
     reader = TorchImpRAG.from_pretrained(a.export)
     meta = reader.meta
     if a.workdir:
-        from .export import restore_host_params
+        from .run import restore_params
 
-        params, _, cfg = restore_host_params(a.workdir, meta.get("source", {}).get("step"))
+        params, _, cfg = restore_params(a.workdir, meta.get("source", {}).get("step"))
     else:
         cfg, params, _, _ = load_export(a.export)
     data = a.data or os.path.join(meta.get("source", {}).get("workdir", ""), "data")

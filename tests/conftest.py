@@ -26,3 +26,45 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"real data folder not found at {SHARED_DATA} (set IMPRAG_SHARED_DATA)")
     return SHARED_DATA
+
+
+_CONFIG_MODULES = {}
+
+
+def config_module(name: str):
+    """configs/<name>.py as a module (loaded by file path; no sys.path changes), e.g.
+    config_module("synthetic").get_config("smoke")."""
+    if name not in _CONFIG_MODULES:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(f"_test_config_{name}", os.path.join(ROOT, "configs",
+                                                                                           f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _CONFIG_MODULES[name] = mod
+    return _CONFIG_MODULES[name]
+
+
+def load_config(spec: str):
+    """configs/<file>.py[:arg] -> its ConfigDict, loaded by file path (as --config does; no sys.path changes)."""
+    from imprag_jax import cli
+
+    return cli.load_config_file(os.path.join(ROOT, "configs", spec))
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    """A small synthetic world (200 people), generated once per session; tests only read it (the record files
+    the pipeline caches in it are the same for every reader)."""
+    from imprag_jax.data.synthetic import World, WorldConfig, write_world
+
+    d = str(tmp_path_factory.mktemp("world"))
+    write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), d)
+    return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that asks for the real data folder is a `data` test (markers are registered in pytest.ini)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)

@@ -221,8 +221,7 @@ def test_causal_prototype_equals_library_path():
     params = init_params(cfg, jax.random.key(0))
     tok = jax.random.randint(jax.random.key(1), (2, 12), 1, cfg.vocab_size)
     ref = forward(params, cfg, tok)
-    with ts.causal_attention_patch(True):
-        got = jax.jit(lambda p, t: forward(p, cfg.replace(attention_impl="cudnn"), t))(params, tok)
+    got = jax.jit(lambda p, t: forward(p, cfg.replace(attention_impl=ts.causal_attention()), t))(params, tok)
     np.testing.assert_allclose(np.asarray(ref), np.asarray(got), atol=2e-4)
 
 
@@ -253,7 +252,7 @@ def test_causal_prototype_keeps_the_imprag_step_exact():
     for stage in ("warmup", "distill"):
         ref = loss_fn(params, cfg, sc, stage, batch, jnp.float32(0))[0]
         for dense_len in (sh.k * sh.l, None) if stage == "warmup" else (sh.k * sh.l,):
-            with ts.causal_attention_patch(True, dense_len):
-                got = jax.jit(lambda p: loss_fn(p, cfg.replace(attention_impl="cudnn"), sc, stage, batch,
-                                                jnp.float32(0))[0])(params)
+            impl = ts.causal_attention(dense_len)
+            got = jax.jit(lambda p: loss_fn(p, cfg.replace(attention_impl=impl), sc, stage, batch,
+                                            jnp.float32(0))[0])(params)
             np.testing.assert_allclose(float(ref), float(got), rtol=1e-5)

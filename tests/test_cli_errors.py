@@ -100,21 +100,21 @@ def test_train_data_dir_that_does_not_exist_is_refused(tmp_path):
 
 
 def test_explicit_data_dir_that_does_not_exist_is_a_config_error(tmp_path):
-    """config_lib.data_dir: an explicit data.dir that does not exist is a typo, not a place to generate the world
+    """run.training_data_dir: an explicit data.dir that does not exist is a typo, not a place to generate the world
     (or prepare the mini-KILT) in; an existing one, even empty, still is (experiments/synthetic.py creates its
     shared world folder first, see below)."""
     from imprag_jax.cli import load_config_file
     from imprag_jax.model import ConfigError
-    from imprag_jax.train import config_lib
+    from imprag_jax import run
 
     c = load_config_file(os.path.join(ROOT, "configs", "synthetic.py") + ":smoke")
     c.data.dir = str(tmp_path / "nope")
     with pytest.raises(ConfigError, match="does not exist; leave data.dir empty"):
-        config_lib.data_dir(c, str(tmp_path / "w"))
+        run.training_data_dir(c, str(tmp_path / "w"))
     assert not (tmp_path / "nope").exists()
     c.data.kind = "minikilt"
     with pytest.raises(ConfigError, match="python -m imprag_jax.data.prepare"):
-        config_lib.data_dir(c, str(tmp_path / "w"))
+        run.training_data_dir(c, str(tmp_path / "w"))
     assert not (tmp_path / "nope").exists()
 
 
@@ -251,6 +251,7 @@ def smoke_run(tmp_path_factory):
     return wd, r
 
 
+@pytest.mark.slow
 def test_redirected_training_log_has_no_bars_and_no_bm25s_chatter(smoke_run):
     _, r = smoke_run
     log = r.stdout + r.stderr
@@ -298,6 +299,7 @@ def _copy(run_dir, tmp_path):
     return dst
 
 
+@pytest.mark.slow
 def test_evaluation_reads_only_the_params_so_damaged_optimizer_state_does_not_matter(smoke_run, tmp_path):
     wd = _copy(smoke_run[0], tmp_path)
     damaged = _damage(wd, 12, "opt_state")
@@ -309,6 +311,7 @@ def test_evaluation_reads_only_the_params_so_damaged_optimizer_state_does_not_ma
     assert "ex/s" not in r.stderr  # stderr is a pipe: no progress bar
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_one_line_naming_it_and_the_others(smoke_run, tmp_path):
     wd = _copy(smoke_run[0], tmp_path)
     _damage(wd, 12, "params")
@@ -325,6 +328,7 @@ def test_damaged_checkpoint_is_one_line_naming_it_and_the_others(smoke_run, tmp_
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_without_matplotlib_writes_the_table_and_skips_the_png(smoke_run, tmp_path):
     out = tmp_path / "eval"
     r = _run("imprag_jax.evaluate", ["--workdir", smoke_run[0], "--tasks", "qa", "--limit", "2", "--modes",

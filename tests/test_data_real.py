@@ -413,6 +413,7 @@ def _load_tasks(out):
 
 
 @needs_data
+@pytest.mark.data
 def test_minikilt_converters(minikilt):
     out, stats = minikilt
     ps = formats.load_passages(os.path.join(out, "passages.jsonl"))
@@ -448,6 +449,7 @@ FREE = ("squad_rc", "phrase_denoising", "sentence_generation", "lm")
 
 
 @needs_data
+@pytest.mark.data
 def test_retrieval_free_training_tasks(minikilt):
     """squad_rc / phrase denoising / sentence generation / plain text: built from the pool, no retrieval."""
     out, stats = minikilt
@@ -496,6 +498,7 @@ def test_retrieval_free_training_tasks(minikilt):
 
 
 @needs_data
+@pytest.mark.data
 def test_no_eval_question_in_train(minikilt):
     out, _ = minikilt
     tasks = _load_tasks(out)
@@ -511,6 +514,7 @@ def test_no_eval_question_in_train(minikilt):
 
 
 @needs_data
+@pytest.mark.data
 def test_pseudo_label_files_real(minikilt):
     out, _ = minikilt
     ps = formats.load_passages(os.path.join(out, "passages.jsonl"))
@@ -526,6 +530,7 @@ def test_pseudo_label_files_real(minikilt):
 
 
 @needs_data
+@pytest.mark.data
 def test_bm25_recall_on_real_subset(minikilt):
     """BM25 (query = templated prompt) on the LIMIT-record subset: recall above stated floors."""
     _, stats = minikilt
@@ -549,6 +554,7 @@ def test_bm25_recall_on_real_subset(minikilt):
 
 
 @needs_data
+@pytest.mark.data
 @needs_bm25
 def test_prepare_is_deterministic_and_seeded(tmp_path, capsys):
     from imprag_jax.data.prepare import main, prepare_minikilt

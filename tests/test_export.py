@@ -2,15 +2,13 @@
 model (E_q, E_p, top-k, greedy answers) on random tiny models, a trained synthetic run and SmolLM2."""
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import config_module
 
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 pytest.importorskip("safetensors")
 
@@ -39,7 +37,7 @@ def _params(cfg, seed=0):
 
 
 def _meta(cfg, k=3, l_max=12):
-    from imprag_jax.export import build_meta
+    from imprag_jax.convert.export import build_meta
 
     m = build_meta(cfg, None, k=k, l_max=l_max, L_q=20, L_r=4)
     m["stop_ids"] = [2]
@@ -68,7 +66,7 @@ def _random_rows(rng, n, width, lo=8, hi=256, min_len=3):
 @pytest.mark.parametrize("tie", [True, False])
 def test_folded_embedding_scale_round_trips(tmp_path, tie):
     from imprag_jax.convert.hf import load_hf_dir
-    from imprag_jax.export import export_model, load_export
+    from imprag_jax.convert.export import export_model, load_export
 
     cfg = _tiny(tie_embeddings=tie)
     p = _params(cfg)
@@ -96,7 +94,7 @@ def test_folded_embedding_scale_round_trips(tmp_path, tie):
 
 def test_unscaled_export_reimports_exactly_with_load_hf_dir(tmp_path):
     from imprag_jax.convert.hf import load_hf_dir
-    from imprag_jax.export import export_model
+    from imprag_jax.convert.export import export_model
 
     for tie in (True, False):
         cfg = _tiny(embed_scale=1.0, tie_embeddings=tie)
@@ -111,7 +109,7 @@ def test_unscaled_export_reimports_exactly_with_load_hf_dir(tmp_path):
 def test_bfloat16_export_rounds_once(tmp_path):
     import ml_dtypes
 
-    from imprag_jax.export import export_model, load_export
+    from imprag_jax.convert.export import export_model, load_export
 
     cfg = _tiny(tie_embeddings=False, embed_scale=1.0)
     p = _params(cfg)
@@ -125,7 +123,8 @@ def test_bfloat16_export_rounds_once(tmp_path):
 
 
 def test_errors(tmp_path):
-    from imprag_jax.export import ExportError, load_export, main
+    from imprag_jax.convert.export import ExportError, load_export
+    from imprag_jax.export import main
 
     with pytest.raises(ExportError, match="imprag.json"):
         os.makedirs(tmp_path / "empty")
@@ -151,7 +150,7 @@ def test_folded_export_is_a_plain_hf_llama(tmp_path):
     pytest.importorskip("transformers")
     from transformers import LlamaForCausalLM
 
-    from imprag_jax.export import export_model
+    from imprag_jax.convert.export import export_model
     from imprag_jax.model import forward
 
     cfg = _tiny(tie_embeddings=True)
@@ -168,7 +167,7 @@ def test_folded_export_is_a_plain_hf_llama(tmp_path):
 
 @pytest.mark.parametrize("tie,rope,attn", [(True, "pre", "joint"), (False, "post", "independent")])
 def test_torch_reader_matches_jax_on_random_tiny(tmp_path, tie, rope, attn):
-    from imprag_jax.export import export_model
+    from imprag_jax.convert.export import export_model
     from imprag_jax.torch_reader import compare
 
     cfg = _tiny(tie_embeddings=tie, retrieval_rope=rope, passage_attention=attn)
@@ -209,15 +208,11 @@ def test_torch_reader_matches_jax_on_random_tiny(tmp_path, tie, rope, attn):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    import synthetic
-
-    from imprag_jax.data.synthetic import World, WorldConfig, write_world
+def trained_run(tmp_path_factory, world_dir):
     from imprag_jax.train.trainer import train
 
-    world = str(tmp_path_factory.mktemp("world"))
-    write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), world)
-    c = synthetic.get_config()
+    world = world_dir
+    c = config_module("synthetic").get_config()
     c.data.dir = world
     c.model.update(dict(b=1, t=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
                         init_std=0.125))
@@ -230,9 +225,12 @@ def trained_run(tmp_path_factory):
     return wd, world
 
 
+@pytest.mark.slow
 def test_export_cli_on_a_trained_run(trained_run, tmp_path):
     from imprag_jax.data.pipeline import corpus_tokens, eval_batches, load_tokenizer
-    from imprag_jax.export import load_export, main, restore_host_params
+    from imprag_jax.convert.export import load_export
+    from imprag_jax.export import main
+    from imprag_jax.run import restore_params
     from imprag_jax.torch_reader import compare
 
     wd, world = trained_run
@@ -246,7 +244,7 @@ def test_export_cli_on_a_trained_run(trained_run, tmp_path):
     assert meta["pooling"] == "last_token" and meta["retrieval_rope"] == "pre"
     assert meta["passage_end"] == "<eop>" and meta["title_format"] == "{title}: {text}"
     assert meta["source"]["step"] == 6 and meta["embed_scale_folded"]
-    params, step, cfg = restore_host_params(wd, 6)
+    params, step, cfg = restore_params(wd, 6)
     cfg2, p2, tok2, _ = load_export(out)
     assert step == 6 and cfg2 == cfg and _same(params, p2)
     tok = load_tokenizer(world)
@@ -267,6 +265,7 @@ def test_export_cli_on_a_trained_run(trained_run, tmp_path):
     assert rep["answers_same_passages"] == 1.0 and rep["answers_full_pipeline"] == 1.0
 
 
+@pytest.mark.data
 def test_smollm2_export_and_reader(tmp_path):
     from imprag_jax.convert.fetch import smollm2_path
 

@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, config_module
 from imprag_jax.infer import metrics as M
-from imprag_jax.infer.generate import greedy_generate, greedy_recompute
+from imprag_jax.model.decode import greedy_generate
+from oracles import greedy_recompute
 from imprag_jax.infer.imprag import Retriever, answer, read_passages, score_bias
 from imprag_jax.model import ModelConfig, init_params, read
 from imprag_jax.model.transformer import prompt_offset
 
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 
 def _setup(seed=0, **kw):
@@ -169,19 +169,14 @@ def test_retriever_rejects_bad_backend_and_scann_matches_exact():
 
 # ------------------------------------------------------------------------------------------------ CLIs on a run
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, world_dir):
     """A 12-step run of configs/synthetic.py:smoke (warmup stage only) on a small synthetic world, no final
     evaluation (its config's eval.modes is empty: the evaluate CLI then defaults to imprag)."""
-    import synthetic
-
-    from imprag_jax.data.synthetic import World, WorldConfig, write_world
     from imprag_jax.train.trainer import train
 
     root = tmp_path_factory.mktemp("infer")
-    world = str(root / "world")
-    write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), world)
-    c = synthetic.get_config("smoke")
-    c.data.dir = world
+    c = config_module("synthetic").get_config("smoke")
+    c.data.dir = world_dir
     c.data.prefetch = 0
     c.train.update(dict(ckpt_every=6, stages="warmup"))  # one compiled step
     c.eval.modes = ""
@@ -196,6 +191,7 @@ def _cli(module, args, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_the_report(smoke_run):
     r = _cli("imprag_jax.evaluate", ["--workdir", smoke_run, "--tasks", "qa,fact_verification",
                                      "--modes", "imprag,oracle,closed_book,bm25", "--k", "1,2", "--limit", "8",
@@ -224,9 +220,10 @@ def test_evaluate_cli_writes_the_report(smoke_run):
     assert "wrote" in r.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_errors_are_clear(smoke_run, tmp_path):
-    from imprag_jax.evaluate import run
-    from imprag_jax.infer.session import RunError
+    from imprag_jax.evaluation import run
+    from imprag_jax.run import RunError
 
     with pytest.raises(RunError, match="does not exist"):
         run(None, str(tmp_path / "nope"))
@@ -242,6 +239,7 @@ def test_evaluate_errors_are_clear(smoke_run, tmp_path):
     assert r.returncode == 2 and "error: workdir" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_cli_prints_passages_and_answer(smoke_run, capsys):
     from imprag_jax.generate import main
 
@@ -253,7 +251,7 @@ def test_generate_cli_prints_passages_and_answer(smoke_run, capsys):
 
 
 def test_baseline_configs():
-    import synthetic
+    synthetic = config_module("synthetic")
 
     ra = synthetic.get_config("ra_it,smoke")
     assert (ra.model.b, ra.model.t) == (0, ra.model.num_layers - 1)
@@ -268,13 +266,14 @@ def test_baseline_configs():
         synthetic.get_config("rag")
 
 
-def test_ra_it_smoke_trains_and_evaluates_with_bm25_in_context(smoke_run, tmp_path):
-    import synthetic
+@pytest.mark.slow
+def test_ra_it_smoke_trains_and_evaluates_with_bm25_in_context(smoke_run, world_dir, tmp_path):
+    synthetic = config_module("synthetic")
 
     from imprag_jax.train.trainer import train
 
     c = synthetic.get_config("smoke,ra_it")
-    c.data.dir = os.path.join(os.path.dirname(smoke_run), "world")
+    c.data.dir = world_dir
     c.data.prefetch = 0
     c.train.update(dict(steps=3, ckpt_every=0))
     c.eval.update(dict(limit=8, tasks="qa"))
@@ -284,19 +283,18 @@ def test_ra_it_smoke_trains_and_evaluates_with_bm25_in_context(smoke_run, tmp_pa
     assert (row["mode"], row["k"], row["n"]) == ("bm25", 4, 8) and row["gold_recall@5"] > 0.5
 
 
-def test_short_training_beats_closed_book(tmp_path):
+@pytest.mark.slow
+def test_short_training_beats_closed_book(world_dir, tmp_path):
     """SLOW (~1-2 min on 2 free CPU cores): 1000 steps of a 0.2M-parameter model on the synthetic world (gold
     candidate only, the warmup NCE throughout), then ImpRAG inference (its own retrieval, k = 1) against the
     closed-book reading of the same model on held-out people. Their facts occur only in the passages, so no
     closed-book model can know them (a closed-book-trained one included); measured: EM 0.138 vs 0.031 (n = 160),
     retrieval gold recall@5 0.87."""
-    import synthetic
+    synthetic = config_module("synthetic")
 
-    from imprag_jax.data.synthetic import World, WorldConfig, write_world
     from imprag_jax.train.trainer import train
 
-    world = str(tmp_path / "world")
-    write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), world)
+    world = world_dir
     c = synthetic.get_config("warmup_only")
     c.data.dir = world
     c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
@@ -310,13 +308,14 @@ def test_short_training_beats_closed_book(tmp_path):
     assert rows["imprag"]["em"] > rows["closed_book"]["em"] + 0.05, rows
 
 
-def test_closed_book_smoke_trains_and_evaluates(smoke_run, tmp_path):
-    import synthetic
+@pytest.mark.slow
+def test_closed_book_smoke_trains_and_evaluates(smoke_run, world_dir, tmp_path):
+    synthetic = config_module("synthetic")
 
     from imprag_jax.train.trainer import train
 
     c = synthetic.get_config("closed_book,smoke")
-    c.data.dir = os.path.join(os.path.dirname(smoke_run), "world")
+    c.data.dir = world_dir
     c.data.prefetch = 0
     c.train.update(dict(steps=3, ckpt_every=0))
     c.eval.update(dict(limit=8, tasks="qa"))

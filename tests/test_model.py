@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import run_with_devices
-from imprag_jax.infer.generate import greedy_generate, greedy_recompute
+from imprag_jax.model.decode import greedy_generate
+from oracles import greedy_recompute
 from imprag_jax.model import ConfigError, ModelConfig, forward, init_params, passage_embedding, query_embedding, read
 from imprag_jax.model.transformer import passage_kv, passage_slots, run_bottom
 

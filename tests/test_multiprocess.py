@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 CHILD = r"""
 import json, os, sys
 import jax

@@ -17,6 +17,8 @@ from imprag_jax.retrieval.scann_backend import scann_available
 
 L_MAX, L_Q, N_QUERIES, HELD_OUT = 32, 24, 200, 100
 
+pytestmark = pytest.mark.data
+
 
 def _gguf():
     try:

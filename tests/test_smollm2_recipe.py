@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT, SHARED_DATA
 
+pytestmark = [pytest.mark.data, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
@@ -52,7 +54,7 @@ def test_recipe_trains_the_retrieval_path_with_health_metrics(recipe_run):
 
 
 def test_final_recall_rows_and_the_evaluate_cli_agree(recipe_run):
-    from imprag_jax.evaluate import run
+    from imprag_jax.evaluation import run
 
     c, wd, res = recipe_run
     final = {(r["task"], r["mode"]): r for r in res["eval"]}

@@ -11,24 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_with_devices
+from conftest import ROOT, config_module, run_with_devices
 
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-
-
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    from imprag_jax.data.synthetic import World, WorldConfig, write_world
-
-    d = str(tmp_path_factory.mktemp("world"))
-    write_world(World.generate(WorldConfig(seed=0, n_people=200, n_letters=60, n_events=30)), d)
-    return d
+pytestmark = pytest.mark.slow
 
 
 def tiny_config(world_dir, **train):
-    import synthetic
-
-    c = synthetic.get_config()
+    c = config_module("synthetic").get_config()
     c.data.dir = world_dir
     c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0,
                         init_std=0.125))
@@ -70,14 +59,14 @@ def test_warmup_raises_recall(world_dir, tmp_path):
     from imprag_jax.data.pipeline import corpus_tokens, load_tokenizer
     from imprag_jax.infer.imprag import Retriever, evaluate_task
     from imprag_jax.model import init_params
-    from imprag_jax.train import config_lib
+    from imprag_jax import run
     from imprag_jax.train.trainer import train
 
     c = tiny_config(world_dir, stages="warmup", steps=300, log_every=50, lr=3e-3, warmup_steps=20)
     c.data.update(dict(batch_size=16, free_batch_size=0))
     res = train(c, str(tmp_path / "w"))
     tok = load_tokenizer(world_dir)
-    cfg = config_lib.model_config(c, tok.vocab_size)
+    cfg = run.model_config(c, tok.vocab_size)
     toks, mask = corpus_tokens(world_dir, tok, c.data.l_max)
 
     def recall(params):
@@ -97,10 +86,10 @@ def test_warmup_raises_recall(world_dir, tmp_path):
 
 def _fixed_batch(world_dir, c):
     from imprag_jax.data.pipeline import TrainBatches, load_tokenizer
-    from imprag_jax.train import config_lib
+    from imprag_jax import run
 
     tok = load_tokenizer(world_dir)
-    data = TrainBatches(world_dir, tok, config_lib.batch_config(c), prefetch=0)
+    data = TrainBatches(world_dir, tok, run.batch_config(c), prefetch=0)
     b = data.batch(0)
     data.close()
     return tok, b
@@ -113,6 +102,7 @@ def test_self_distillation_moves_p_r_toward_p_t(world_dir):
     steps) flips P_T's argmax from step to step, and the KL measures the chase, not the direction.
     """
     from imprag_jax.model.sharding import make_mesh
+    from imprag_jax import run
     from imprag_jax.train import config_lib
     from imprag_jax.train.state import compile_step, create_state
     from imprag_jax.train.step import make_optimizer, step_keys
@@ -120,7 +110,7 @@ def test_self_distillation_moves_p_r_toward_p_t(world_dir):
     c = tiny_config(world_dir, score_bias=False, teacher_len=0)  # plain reader: P_R only enters via the KL
     c.model.update(dict(passage_attention="joint", init_std=128 ** -0.5))
     tok, b = _fixed_batch(world_dir, c)
-    cfg = config_lib.model_config(c, tok.vocab_size)
+    cfg = run.model_config(c, tok.vocab_size)
     tx, _ = make_optimizer(3e-3, 100, 1)
     mesh = make_mesh()
     shapes = {k: (b[k].shape, b[k].dtype) for k in step_keys(b)}
@@ -143,6 +133,7 @@ sys.path.insert(0, "CONFIGS")
 import synthetic
 from imprag_jax.data.pipeline import TrainBatches, load_tokenizer
 from imprag_jax.model.sharding import make_mesh
+from imprag_jax import run
 from imprag_jax.train import config_lib
 from imprag_jax.train.state import compile_step, create_state
 from imprag_jax.train.step import make_optimizer, step_keys
@@ -152,9 +143,9 @@ c.data.dir = "WORLD"
 c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0))
 c.data.update(dict(batch_size=12, free_batch_size=4, prefetch=0))
 tok = load_tokenizer("WORLD")
-cfg = config_lib.model_config(c, tok.vocab_size)
+cfg = run.model_config(c, tok.vocab_size)
 sc = config_lib.step_config(c)
-data = TrainBatches("WORLD", tok, config_lib.batch_config(c), prefetch=0)
+data = TrainBatches("WORLD", tok, run.batch_config(c), prefetch=0)
 batches = [data.batch(i) for i in range(2)]
 shapes = {k: (batches[0][k].shape, batches[0][k].dtype) for k in step_keys(batches[0])}
 tx, _ = make_optimizer(2e-3, 10, 1)
@@ -208,13 +199,13 @@ def test_cli_rejects_bad_configs_with_clear_errors(override, msg, tmp_path):
 
 def test_existing_world_with_another_config_is_refused(world_dir, tmp_path):
     from imprag_jax.model import ConfigError
-    from imprag_jax.train import config_lib
+    from imprag_jax import run
 
     c = tiny_config(world_dir)  # world_dir was generated with 200 people (allowed) and 2 QA phrasings
-    assert config_lib.data_dir(c, str(tmp_path)) == world_dir
+    assert run.training_data_dir(c, str(tmp_path)) == world_dir
     c.data.qa_templates = 3
     with pytest.raises(ConfigError, match="qa_templates=2 but the config asks for qa_templates=3"):
-        config_lib.data_dir(c, str(tmp_path))
+        run.training_data_dir(c, str(tmp_path))
 
 
 def test_synthetic_smoke_config_runs_end_to_end(tmp_path):
@@ -292,12 +283,13 @@ def test_smollm2_smoke_config_runs(tmp_path, shared_data):
 
 def _tiny_setup(world_dir, **model):
     from imprag_jax.model import init_params
+    from imprag_jax import run
     from imprag_jax.train import config_lib
 
     c = tiny_config(world_dir, score_bias=False, teacher_len=0)
     c.model.update(model)
     tok, b = _fixed_batch(world_dir, c)
-    cfg = config_lib.model_config(c, tok.vocab_size)
+    cfg = run.model_config(c, tok.vocab_size)
     params = init_params(cfg, jax.random.key(1))
     sc = config_lib.step_config(c)
     batch = {k: jnp.asarray(b[k]) for k in b if not isinstance(b[k], list)}
@@ -423,8 +415,8 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(world_dir, tmp_path)
 
 
 def test_init_from_starts_a_run_from_another_runs_parameters(world_dir, tmp_path):
-    from imprag_jax.infer.session import restore_params
-    from imprag_jax.train.config_lib import ConfigError
+    from imprag_jax.run import restore_params
+    from imprag_jax.model import ConfigError
     from imprag_jax.train.trainer import train
 
     a = tiny_config(world_dir, steps=4, log_every=2)

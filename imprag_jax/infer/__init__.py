@@ -1,3 +1,4 @@
-"""Inference: greedy decoding with a KV cache (`generate`), two-stage ImpRAG inference, the Retriever and per-task
-evaluation (`imprag`), answer / retrieval metrics (`metrics`), a trained run loaded for inference (`session`).
+"""Inference: two-stage ImpRAG inference, the Retriever and per-task evaluation (`imprag`), retrieval-only recall
+(`recall`), answer / retrieval metrics (`metrics`). Decoding is `model.decode`; a trained run loaded for
+inference is `run.session`.
 See docs/inference.md."""

@@ -22,7 +22,7 @@ import numpy as np
 from ..model import ModelConfig
 from ..model.transformer import PassageKV, passage_kv, prompt_offset, run_bottom
 from . import metrics as M
-from .generate import continue_and_decode, cut_at_stop, encode_prompts, greedy_generate, left_pad, stop_array
+from ..model.decode import continue_and_decode, cut_at_stop, encode_prompts, greedy_generate, left_pad, stop_array
 
 MODES = ("imprag", "closed_book", "oracle", "bm25")
 RECALL_KS = (1, 5, 10)

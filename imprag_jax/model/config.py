@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A model configuration that cannot work; the message says which field and why."""
 
 
+# attention implementations the layer knows: the built-in two, plus any added by model.layers.register_attention
+ATTENTION_IMPLS = {"xla", "cudnn"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 49152
@@ -53,7 +57,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: "bfloat16" | "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch" (see model/transformer.py)
-    attention_impl: str = "xla"  # "xla" (einsum) | "cudnn" (jax.nn.dot_product_attention on GPU)
+    attention_impl: str = "xla"  # "xla" (einsum) | "cudnn" (jax.nn.dot_product_attention on GPU) | a registered one
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -92,8 +96,9 @@ class ModelConfig:
             raise ConfigError(f"unsupported dtype/param_dtype {self.dtype!r}/{self.param_dtype!r}")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             raise ConfigError(f"remat must be one of none/full/dots/dots_no_batch, got {self.remat!r}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ConfigError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {', '.join(sorted(ATTENTION_IMPLS))}, got "
+                              f"{self.attention_impl!r}")
         rs = self.rope_scaling
         if rs is not None:
             kind = rs.get("rope_type", rs.get("type", "default"))

@@ -101,20 +101,19 @@ class LMHead(nn.Module):
 
 
 def attention(q, k, v, mask, bias=None, impl: str = "xla"):
-    """Grouped-query attention.
+    """Grouped-query attention with implementation `impl` (`ModelConfig.attention_impl`).
 
     q: [B, Lq, H, D]; k, v: [B, Lk, KV, D]; mask: bool broadcastable to [B, Lq, Lk];
     bias: optional additive fp32 logits bias broadcastable to [B, Lq, Lk]. Returns [B, Lq, H, D].
     """
+    return _IMPLS[impl](q, k, v, mask, bias)
+
+
+def xla_attention(q, k, v, mask, bias=None):
+    """The einsum implementation: fp32 logits and softmax, masked with a finite -1e30."""
     B, Lq, H, D = q.shape
     KV = k.shape[2]
     G = H // KV
-    if impl == "cudnn":
-        full_bias = None
-        if bias is not None:
-            full_bias = jnp.broadcast_to(bias, (B, Lq, k.shape[1]))[:, None].astype(q.dtype)
-        m = jnp.broadcast_to(mask, (B, Lq, k.shape[1]))[:, None]
-        return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=m, implementation="cudnn")
     qg = q.reshape(B, Lq, KV, G, D)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
     if bias is not None:
@@ -124,6 +123,32 @@ def attention(q, k, v, mask, bias=None, impl: str = "xla"):
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, Lq, H, D).astype(q.dtype)
+
+
+def dot_product_attention(q, k, v, mask, bias=None, implementation: str = "cudnn"):
+    """`jax.nn.dot_product_attention` with the dense mask and bias (implementation "cudnn": the GPU kernel)."""
+    B, Lq = q.shape[:2]
+    full_bias = None
+    if bias is not None:
+        full_bias = jnp.broadcast_to(bias, (B, Lq, k.shape[1]))[:, None].astype(q.dtype)
+    m = jnp.broadcast_to(mask, (B, Lq, k.shape[1]))[:, None]
+    return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=m, implementation=implementation)
+
+
+_IMPLS = {"xla": xla_attention, "cudnn": dot_product_attention}
+
+
+def register_attention(name: str, fn) -> str:
+    """Add an attention implementation `fn(q, k, v, mask, bias)` under `name`, selectable as
+    `ModelConfig(attention_impl=name)` (e.g. a kernel being measured). A name is bound once: compiled functions
+    are cached by the config, so one name must always mean one function. Returns the name."""
+    from .config import ATTENTION_IMPLS
+
+    if name in _IMPLS and _IMPLS[name] is not fn:
+        raise ValueError(f"attention implementation {name!r} is already registered")
+    _IMPLS[name] = fn
+    ATTENTION_IMPLS.add(name)
+    return name
 
 
 class Attention(nn.Module):

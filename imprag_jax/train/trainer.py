@@ -1,28 +1,31 @@
 """The training loop: build everything from the config, compile the step ahead, train, checkpoint, evaluate.
 
-Resumable: the orbax CheckpointManager in <workdir>/checkpoints holds the train state, the data iterator state
-and the config; a restart with the same workdir continues from the latest step (a SIGTERM/SIGINT saves first).
+Resumable: <workdir>/checkpoints (`imprag_jax.run.checkpoint`) holds the train state, the data iterator state
+and the model config; a restart with the same workdir continues from the latest step (a SIGTERM/SIGINT saves first).
 On CPU a resumed run reproduces the uninterrupted run's losses exactly (tests/test_train.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import evaluation
+from .. import run as R
 from ..model import ModelConfig
-from ..model.sharding import make_mesh
 from . import config_lib
 from .losses import stage_at
+from .setup import Setup, build, probe_batch_shapes
 from .state import compile_step, create_state, memory_report, state_shardings
-from .step import make_optimizer, step_keys
+from .step import step_keys
 
 
 def log(msg: str):
@@ -68,17 +71,6 @@ class MetricWriter:
             self.tb.close()
 
 
-def load_model(c, tokenizer_vocab: Optional[int]):
-    """(ModelConfig, params or None, tokenizer or None) from config.model.init."""
-    init = c.model.init
-    if init == "random":
-        return config_lib.model_config(c, tokenizer_vocab), None, None
-    from ..convert.fetch import resolve_model
-
-    base_cfg, params, tok = resolve_model(init)
-    return config_lib.model_config(c, base=base_cfg), params, tok
-
-
 def _global_batch(batch: Dict[str, np.ndarray], shardings) -> Dict[str, jax.Array]:
     out = {}
     for k in step_keys(batch):
@@ -113,190 +105,165 @@ class _Stop:
             signal.signal(s, h)
 
 
-def evaluate(params, cfg: ModelConfig, c, data_dir: str, tokenizer, *, tasks, limit, modes, ks, step: int,
-             mesh=None, corpus=None):
-    """Build the index with the current parameters and evaluate each task/mode/k. Returns a list of result rows."""
-    from ..data.pipeline import corpus_tokens
-    from ..infer.imprag import Retriever, evaluate_modes
-
-    if corpus is None:
-        corpus = corpus_tokens(data_dir, tokenizer, c.data.l_max)
-    toks, mask = corpus
-    texts = _passage_texts(data_dir)
-    rows = []
-    rec_modes = [m for m in modes if m in ("recall", "bm25_recall")]
-    modes = [m for m in modes if m not in rec_modes]
-    if rec_modes:  # retrieval only (no generation): the model's and BM25's recall over the same pool
-        from ..infer.recall import recall_rows
-
-        rows += recall_rows(params, cfg, data_dir, list(tasks), tokenizer, corpus=(toks, mask), texts=texts,
-                            modes=rec_modes, split=c.eval.split, limit=limit, L_q=config_lib.eval_L_q(c),
-                            add_bos=bool(c.data.add_bos), pool=int(c.eval.get("pool", 0)), seed=c.seed,
-                            batch_size=c.eval.batch_size)
-    retriever = None
-    if "imprag" in modes:
-        pool_sel = None
-        if int(c.eval.get("pool", 0)) > 0:  # the index holds a pool with every evaluated question's gold passage
-            from ..infer.recall import eval_gold, pool_rows
-
-            gold = eval_gold(data_dir, list(tasks), tokenizer, split=c.eval.split, limit=limit,
-                             L_q=config_lib.eval_L_q(c), add_bos=bool(c.data.add_bos))
-            pool_sel = pool_rows(len(toks), gold, int(c.eval.pool), c.seed)
-        retriever = Retriever.build(params, cfg, toks, mask, texts, step=step, mesh=None, backend=c.eval.backend,
-                                    rows=pool_sel)
-    for task in tasks:
-        for mode in modes:  # every k of a mode in one pass over the data
-            mode_ks = {"imprag": list(ks), "oracle": [1], "closed_book": [0]}.get(mode, [max(ks)])
-            rows += evaluate_modes(params, cfg, data_dir, task, tokenizer, retriever, split=c.eval.split, mode=mode,
-                                   ks=mode_ks, L_q=config_lib.eval_L_q(c), l_max=c.data.l_max,
-                                   max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size, limit=limit,
-                                   use_score_bias=c.eval.score_bias, add_bos=bool(c.data.add_bos))
-    return rows
-
-
-_TEXTS: Dict[str, list] = {}
-
-
-def _passage_texts(data_dir: str):
-    if data_dir not in _TEXTS:
-        with open(os.path.join(data_dir, "passages.jsonl")) as f:
-            _TEXTS[data_dir] = [(lambda o: f"{o.get('title', '')}: {o['text']}")(json.loads(line)) for line in f]
-    return _TEXTS[data_dir]
-
-
-def results_table(rows) -> str:
-    cols = ["task", "mode", "k", "n", "em", "accuracy", "pool", "gold_recall@1", "gold_recall@5",
-            "chance_gold_recall@5", "gold_recall@20", "answer_recall@1", "answer_recall@5", "answer_recall@10"]
-    cols = [c for c in cols if any(c in r and r[c] is not None for r in rows)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            cells.append("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def train(c, workdir: str) -> Dict:
     """Run training described by config `c` in `workdir`; returns the final metrics and evaluation rows."""
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
-
-    from ..data.pipeline import TrainBatches, load_tokenizer
+    from ..data.pipeline import TrainBatches
 
     os.makedirs(workdir, exist_ok=True)
-    sc = config_lib.step_config(c)
+    config_lib.step_config(c)  # the config's errors before any data is generated or prepared
+    ddir = _data_dir(c, workdir)
+    tokenizer, cfg, init_params = _model_and_tokenizer(c, ddir, workdir)
+    bcfg = R.batch_config(c)
+    s = build(c, cfg, process_count=jax.process_count())
+    log(f"[train] model: {cfg.num_layers} layers (b={cfg.b}, t={cfg.t}), d={cfg.hidden_size}, "
+        f"{cfg.num_params() / 1e6:.2f}M params; mesh {dict(s.mesh.shape)} over {jax.device_count()} devices "
+        f"({jax.process_count()} process(es))")
+    if jax.process_index() == 0:
+        R.write_run_config(c, workdir)
+    data = TrainBatches(ddir, tokenizer, bcfg, jax.process_index(), jax.process_count(), prefetch=c.data.prefetch)
+    s = dataclasses.replace(s, shapes=probe_batch_shapes(data.batch(0), s.k_read, jax.process_count()))
+    refresher, index_abs, s = _index_refresher(c, s, ddir, tokenizer, bcfg)
+    steps = _Steps(c, s, index_abs, R.latest_step(workdir))
+    ckpt = R.Checkpoints(workdir, c.train.keep)
+    state = _restore_or_init(ckpt, c, s, data, init_params)
+    writer = MetricWriter(workdir)
+    result, state = _run_steps(c, s, steps, state, data, ckpt, refresher, index_abs, _DevEval(c, cfg, ddir, tokenizer),
+                               writer)
+    if result["stopped_early"] is not True:  # an interrupted run has no final evaluation
+        _final_evaluation(c, cfg, state["params"], ddir, tokenizer, result, writer, workdir)
+    writer.close()
+    _sync_end()
+    return result
+
+
+def _data_dir(c, workdir: str) -> str:
+    """The run's data folder, generated or prepared on first use (by one process in a multi-process run)."""
     if jax.process_count() > 1:  # one writer for a generated world and its record files
         from jax.experimental import multihost_utils
 
         if jax.process_index() == 0:
             from ..data.pipeline import prepare_records
 
-            prepare_records(config_lib.data_dir(c, workdir), None, ["train"])
+            prepare_records(R.training_data_dir(c, workdir), None, ["train"])
         multihost_utils.sync_global_devices("imprag_jax:data")
-    ddir = config_lib.data_dir(c, workdir)
-    tokenizer = None
-    if c.model.init == "random":
-        tokenizer = load_tokenizer(ddir)
-    cfg, pre_params, pre_tok = load_model(c, tokenizer.vocab_size if tokenizer else None)
-    if _init_from(c) and start_step_hint(workdir) == 0:  # start from another run's parameters (not resuming)
+    return R.training_data_dir(c, workdir)
+
+
+def _model_and_tokenizer(c, ddir: str, workdir: str):
+    """(tokenizer, ModelConfig, initial params or None): model.init's weights, or train.init_from's (another
+    run's parameters) when this run starts rather than resumes."""
+    tokenizer = R.tokenizer(c, ddir) if c.model.init == "random" else None
+    cfg, pre_params, pre_tok = R.load_model(c, tokenizer.vocab_size if tokenizer else None)
+    if _init_from(c) and R.latest_step(workdir) == 0:
         pre_params = params_from_run(_init_from(c), cfg)
-    tokenizer = tokenizer or pre_tok
-    if tokenizer is None:
-        tokenizer = load_tokenizer(ddir)
-    bcfg = config_lib.batch_config(c)
-    try:
-        mesh = make_mesh(**dict(c.mesh))
-    except ValueError as e:  # "... needs 16 devices but 8 are visible ...; did you start every host?"
-        raise config_lib.ConfigError(str(e)) from None
-    if jax.process_count() > 1:  # each host feeds its own rows: every kind of row must split evenly over the shards
-        shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-        for name, n in (("data.batch_size", c.data.batch_size), ("data.free_batch_size", c.data.free_batch_size)):
-            if n % shards:
-                raise config_lib.ConfigError(f"{name}={n} must be divisible by the batch shards (mesh data x fsdp = "
-                                             f"{shards}) in a multi-process run")
-    rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) for r in c.rules)
+    tokenizer = tokenizer or pre_tok or R.tokenizer(c, ddir)
+    return tokenizer, cfg, pre_params
+
+
+def _index_refresher(c, s: Setup, ddir: str, tokenizer, bcfg):
+    """Negatives mined from the model's own index (train.candidates index/mixed): the refresher that re-encodes
+    the knowledge source every refresh_every steps, the index's abstract arrays, and the step config that mines.
+    (None, None, s) for pseudo-labelled candidates."""
     T = c.train
-    tx, sched = make_optimizer(T.lr, T.steps, T.warmup_steps, end_lr_ratio=T.end_lr_ratio,
-                               weight_decay=T.weight_decay, b1=T.b1, b2=T.b2, clip=T.clip)
-    log(f"[train] model: {cfg.num_layers} layers (b={cfg.b}, t={cfg.t}), d={cfg.hidden_size}, "
-        f"{cfg.num_params() / 1e6:.2f}M params; mesh {dict(mesh.shape)} over {jax.device_count()} devices "
-        f"({jax.process_count()} process(es))")
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(c.to_json_best_effort(indent=2))
+    if T.candidates == "pseudo":
+        return None, None, s
+    from ..data.pipeline import corpus_tokens
+    from ..retrieval import IndexRefresher
+    from ..retrieval.index import padded_rows
+    from .state import index_specs
 
-    data = TrainBatches(ddir, tokenizer, bcfg, jax.process_index(), jax.process_count(), prefetch=c.data.prefetch)
-    probe = data.batch(0)
-    k_read = 0 if T.closed_book else bcfg.k
-    shapes = {k: ((probe[k].shape[0] * jax.process_count(),) + probe[k].shape[1:], probe[k].dtype)
-              for k in step_keys(probe)}
-    for key in ("passages", "passage_mask"):
-        shapes[key] = ((shapes[key][0][0], k_read) + shapes[key][0][2:], shapes[key][1])
-    for key in ("passage_ids", "positives"):
-        shapes[key] = ((shapes[key][0][0], k_read), shapes[key][1])
+    ctoks, cmask = corpus_tokens(ddir, tokenizer, bcfg.l_max)
+    refresher = IndexRefresher(T.refresh_every, cfg=s.cfg, tokens=ctoks, mask=cmask, batch_size=256, mesh=s.mesh,
+                               index_mesh=s.mesh, keep_tokens=True, progress=False)
+    n_neg_slots = bcfg.k - (bcfg.n_pos if bcfg.positives != "gold" else 1)
+    n_rep = n_neg_slots if T.candidates == "index" else min(T.index_negatives, n_neg_slots)
+    sc = dataclasses.replace(s.sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=len(ctoks))
+    index_abs = index_specs(padded_rows(len(ctoks), s.mesh), s.cfg.retrieval_dim, bcfg.l_max, s.mesh)
+    return refresher, index_abs, dataclasses.replace(s, sc=sc)
 
-    refresher, index_abs = None, None
-    if T.candidates != "pseudo":  # negatives mined from the model's own index, re-encoded every refresh_every steps
-        import dataclasses
 
+class _Steps:
+    """The compiled step of every retrieval stage the remaining steps use (and the per-loss gradient-norm probes
+    when train.log_grad_norms), with the stage schedule."""
+
+    def __init__(self, c, s: Setup, index_abs, start: int):
+        T = c.train
+        R_steps = int(T.get("retrieval_steps", 0))
+        self.stage_of = lambda step: stage_at(step, T.steps, T.warmup_share, T.stages, R_steps)
+        needed = sorted({self.stage_of(i) for i in range(start, T.steps)} or {self.stage_of(0)})
+        self.compiled, self.probes = {}, {}
+        for stage in needed:
+            t0 = time.time()
+            self.compiled[stage], self.shard = compile_step(s.cfg, s.sc, stage, s.tx, s.mesh, s.shapes, s.rules,
+                                                            index_abstract=index_abs)
+            mem = memory_report(self.compiled[stage])
+            log(f"[train] compiled the '{stage}' step in {time.time() - t0:.1f}s; per-device memory: "
+                + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if v))
+            if T.get("log_grad_norms", False) and not T.closed_book:
+                self.probes[stage], _ = compile_step(s.cfg, s.sc, stage, s.tx, s.mesh, s.shapes, s.rules,
+                                                     index_abstract=index_abs, kind="grad_norms")
+
+
+
+def _restore_or_init(ckpt, c, s: Setup, data, init_params):
+    """The latest checkpoint's state (and the data iterator's position), else a new state."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return create_state(s.cfg, s.tx, s.mesh, jax.random.key(c.seed), params=init_params, rules=s.rules)
+    s_shard, s_abs = state_shardings(s.cfg, s.tx, s.mesh, s.rules)
+    state, data_state, _ = ckpt.restore(latest, s_abs, s_shard)
+    data.set_state(data_state)
+    log(f"[train] resumed from step {latest} ({ckpt.dir})")
+    return state
+
+
+class _DevEval:
+    """The dev curve: evaluation on eval.dev_tasks every eval_every steps (its time is kept out of the speed
+    figures)."""
+
+    def __init__(self, c, cfg, ddir: str, tokenizer):
+        self.c, self.cfg, self.ddir, self.tokenizer = c, cfg, ddir, tokenizer
+        self.corpus = None
+        self.seconds = 0.0
+
+    def __call__(self, params, at: int, writer) -> float:
+        """Evaluate, log, write the metrics; returns the seconds it took."""
         from ..data.pipeline import corpus_tokens
-        from ..retrieval import IndexRefresher
-        from ..retrieval.index import padded_rows
-        from .state import index_specs
 
-        ctoks, cmask = corpus_tokens(ddir, tokenizer, bcfg.l_max)
-        refresher = IndexRefresher(T.refresh_every, cfg=cfg, tokens=ctoks, mask=cmask, batch_size=256, mesh=mesh,
-                                   index_mesh=mesh, keep_tokens=True, progress=False)
-        n_neg_slots = bcfg.k - (bcfg.n_pos if bcfg.positives != "gold" else 1)
-        n_rep = n_neg_slots if T.candidates == "index" else min(T.index_negatives, n_neg_slots)
-        sc = dataclasses.replace(sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=len(ctoks))
-        index_abs = index_specs(padded_rows(len(ctoks), mesh), cfg.retrieval_dim, bcfg.l_max, mesh)
-    R = int(T.get("retrieval_steps", 0))
-    stage_of = lambda s: stage_at(s, T.steps, T.warmup_share, T.stages, R)
-    stages_needed = sorted({stage_of(s) for s in range(start_step_hint(workdir), T.steps)} or {stage_of(0)})
-    compiled, probes = {}, {}
-    for stage in stages_needed:
         t0 = time.time()
-        compiled[stage], shard = compile_step(cfg, sc, stage, tx, mesh, shapes, rules, index_abstract=index_abs)
-        mem = memory_report(compiled[stage])
-        log(f"[train] compiled the '{stage}' step in {time.time() - t0:.1f}s; per-device memory: "
-            + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if v))
-        if T.get("log_grad_norms", False) and not T.closed_book:
-            probes[stage], _ = compile_step(cfg, sc, stage, tx, mesh, shapes, rules, index_abstract=index_abs,
-                                            kind="grad_norms")
-    s_shard, s_abs = state_shardings(cfg, tx, mesh, rules)
+        c = self.c
+        if self.corpus is None:
+            self.corpus = corpus_tokens(self.ddir, self.tokenizer, c.data.l_max)
+        rows = evaluation.evaluate(params, self.cfg, c, self.ddir, self.tokenizer, tasks=R.parse_list(c.eval.dev_tasks),
+                                   limit=c.eval.dev_limit, modes=R.parse_list(c.eval.get("dev_modes", "imprag")),
+                                   ks=[1], ks_for=evaluation.training_ks, step=at, corpus=self.corpus)
+        writer.write(at, {f"dev/{r['task']}/{r['mode']}/{key}": v for r in rows for key, v in r.items()
+                          if isinstance(v, float)})
+        log(f"[dev] step {at}: " + "; ".join(
+            f"{r['task']} {r['mode']} " + " ".join(f"{key} {r[key]:.3f}" for key in
+                                                  ("em", "gold_recall@1", "gold_recall@5", "gold_recall@20")
+                                                  if r.get(key) is not None) for r in rows))
+        dt = time.time() - t0
+        self.seconds += dt
+        return dt
 
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "meta"),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=T.keep, create=True,
-                                                                      enable_async_checkpointing=True))
-    latest = mngr.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s_abs, s_shard)
-        restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                data=ocp.args.JsonRestore(),
-                                                                meta=ocp.args.JsonRestore()))
-        state = restored["state"]
-        data.set_state(restored["data"])
-        log(f"[train] resumed from step {latest} ({ckpt_dir})")
-    else:
-        state = create_state(cfg, tx, mesh, jax.random.key(c.seed), params=pre_params, rules=rules)
+
+def _run_steps(c, s: Setup, steps: _Steps, state, data, ckpt, refresher, index_abs, dev: _DevEval, writer):
+    """The training loop from the state's step to train.steps (or a stop: a signal, stop_at_step, the time
+    budget), with logging, checkpoints and the dev curve; the last step is always saved. Returns (result, state)."""
+    from tqdm import tqdm
+
+    T = c.train
     start = int(jax.device_get(state["step"]))
 
     def save(step, force=False):
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                data=ocp.args.JsonSave(data.get_state()),
-                                                meta=ocp.args.JsonSave({"model": cfg.to_dict(), "step": step,
-                                                                        "name": c.name})), force=force)
+        ckpt.save(step, state, data.get_state(), s.cfg, c.name, force=force)
 
-    writer = MetricWriter(workdir)
     stopper = _Stop()
-    B_glob, L_tok = shapes["mask"][0]
-    Bf_glob, Lf_tok = shapes["free_mask"][0] if "free_mask" in shapes else (0, 0)
+    B_glob, L_tok = s.shapes["mask"][0]
+    Bf_glob, Lf_tok = s.shapes["free_mask"][0] if "free_mask" in s.shapes else (0, 0)
     # token slots processed per step: retrieval rows (prompt+response and passage slots) and retrieval-free rows
-    tokens_per_step = int(B_glob * (L_tok + k_read * bcfg.l_max) + Bf_glob * Lf_tok)
+    tokens_per_step = int(B_glob * (L_tok + s.k_read * c.data.l_max) + Bf_glob * Lf_tok)
     pbar = tqdm(total=T.steps, initial=start, desc="train", dynamic_ncols=True,
                 disable=jax.process_index() != 0 or not os.isatty(2) and os.environ.get("IMPRAG_PROGRESS") != "1",
                 mininterval=2.0)
@@ -309,70 +276,40 @@ def train(c, workdir: str) -> Dict:
     compiles_before = None
     cur_index = None
     next_batch = None
-    dev_corpus = []
-
-    dev_seconds = [0.0]  # dev evaluations are not training: their time is kept out of the speed figures
-
-    def dev_eval(params, at: int):
-        nonlocal t_last
-        t0 = time.time()
-        _dev_eval(params, at)
-        dt = time.time() - t0
-        dev_seconds[0] += dt
-        t_last += dt
-
-    def _dev_eval(params, at: int):
-        if not dev_corpus:
-            from ..data.pipeline import corpus_tokens
-
-            dev_corpus.append(corpus_tokens(ddir, tokenizer, c.data.l_max))
-        rows = evaluate(params, cfg, c, ddir, tokenizer, tasks=parse(c.eval.dev_tasks), limit=c.eval.dev_limit,
-                        modes=parse(c.eval.get("dev_modes", "imprag")), ks=[1], step=at, corpus=dev_corpus[0])
-        writer.write(at, {f"dev/{r['task']}/{r['mode']}/{key}": v for r in rows for key, v in r.items()
-                          if isinstance(v, float)})
-        log(f"[dev] step {at}: " + "; ".join(
-            f"{r['task']} {r['mode']} " + " ".join(f"{key} {r[key]:.3f}" for key in
-                                                  ("em", "gold_recall@1", "gold_recall@5", "gold_recall@20")
-                                                  if r.get(key) is not None) for r in rows))
 
     if T.eval_every and start == 0:  # the curve starts at the initial weights
-        dev_eval(state["params"], 0)
+        t_last += dev(state["params"], 0, writer)
     _count_compiles()
-    float(sched(start))  # warm the eager schedule ops so logging never compiles inside the loop
+    float(s.sched(start))  # warm the eager schedule ops so logging never compiles inside the loop
     try:
         for step in range(start, T.steps):
-            stage = stage_of(step)
+            stage = steps.stage_of(step)
             host = data.batch(step) if step == start else next_batch
             if T.closed_book:
                 host = _drop_passages(host)
-            batch = _global_batch(host, shard["batch"])
+            batch = _global_batch(host, steps.shard["batch"])
             ramp = 1.0 if T.score_bias_ramp <= 0 else min(1.0, step / T.score_bias_ramp)
             index_arrays = None
             if refresher is not None:
                 if refresher.maybe_refresh(step, state["params"]) is not None:
                     ix = refresher.index
-                    index_arrays = {"emb": ix.embeddings.astype(index_abs["emb"].dtype),
-                                    "tokens": ix.tokens.astype(jnp.int32), "mask": ix.mask.astype(jnp.int32)}
-                    cur_index = index_arrays
+                    cur_index = {"emb": ix.embeddings.astype(index_abs["emb"].dtype),
+                                 "tokens": ix.tokens.astype(jnp.int32), "mask": ix.mask.astype(jnp.int32)}
                 index_arrays = cur_index
             log_step = (step + 1) % T.log_every == 0 or step + 1 == T.steps
-            norms = probes[stage](state, batch, jnp.float32(ramp), index_arrays) if log_step and stage in probes \
-                else None  # per-loss gradient norms on this step's batch, before the step donates the state
-            state, metrics = compiled[stage](state, batch, jnp.float32(ramp), index_arrays)
+            probe = steps.probes.get(stage) if log_step else None
+            # per-loss gradient norms on this step's batch, before the step donates the state
+            norms = probe(state, batch, jnp.float32(ramp), index_arrays) if probe is not None else None
+            state, metrics = steps.compiled[stage](state, batch, jnp.float32(ramp), index_arrays)
             if "clipped" in metrics:
                 n_clipped = n_clipped + metrics["clipped"]
             data.set_state({"step": step + 1})
             next_batch = data.batch(step + 1) if step + 1 < T.steps else None  # overlaps with the device step
             if log_step:
-                m = jax.device_get({**metrics, **(norms or {}), "n_clipped": n_clipped})
                 now = time.time()
-                m = {k: float(v) for k, v in m.items()}
-                m["clip_fraction"] = m.pop("n_clipped") / max(step + 1 - s_last, 1)
-                m.pop("clipped", None)
+                m = _step_metrics(metrics, norms, n_clipped, step + 1 - s_last, now - t_last, tokens_per_step,
+                                  stage=stage, lr=float(s.sched(step)), elapsed_s=now - t_start)
                 n_clipped = jnp.zeros((), jnp.float32)
-                m.update(stage=stage, lr=float(sched(step)), steps_per_s=(step + 1 - s_last) / (now - t_last),
-                         tokens_per_s=(step + 1 - s_last) * tokens_per_step / (now - t_last),
-                         elapsed_s=now - t_start)
                 t_last, s_last = now, step + 1
                 writer.write(step + 1, m)
                 last_metrics = m
@@ -385,7 +322,7 @@ def train(c, workdir: str) -> Dict:
             if T.ckpt_every and (step + 1) % T.ckpt_every == 0:
                 save(step + 1)
             if T.eval_every and (step + 1) % T.eval_every == 0 and step + 1 < T.steps:
-                dev_eval(state["params"], step + 1)
+                t_last += dev(state["params"], step + 1, writer)
             if stopper.requested:
                 stopped_early = True
                 break
@@ -403,41 +340,53 @@ def train(c, workdir: str) -> Dict:
         pbar.close()
         stopper.restore()
         done = int(jax.device_get(state["step"]))
-        if mngr.latest_step() != done:
+        if ckpt.latest_step() != done:
             save(done, force=True)
-        mngr.wait_until_finished()
-        mngr.close()
+        ckpt.close()
         data.close()
-    train_s = time.time() - t_start - dev_seconds[0]
-    result = {"step": done, "train_seconds": train_s, "dev_eval_seconds": dev_seconds[0], "metrics": last_metrics, "stopped_early": stopped_early,
-              "planned_steps": int(T.steps),
+    train_s = time.time() - t_start - dev.seconds
+    result = {"step": done, "train_seconds": train_s, "dev_eval_seconds": dev.seconds, "metrics": last_metrics,
+              "stopped_early": stopped_early, "planned_steps": int(T.steps),
               "compiles_after_step_2": (_COMPILES[0] - compiles_before) if compiles_before is not None else None}
-    if stopped_early is True:
-        writer.close()
-        _sync_end()
-        return result
-    # final evaluation
+    return result, state
+
+
+def _step_metrics(metrics, norms, n_clipped, n_steps: int, seconds: float, tokens_per_step: int, *, stage: str,
+                  lr: float, elapsed_s: float) -> Dict:
+    """A log step's metrics: the step's, the gradient norms, the share of clipped updates, the stage, the learning
+    rate and the speed since the last log step."""
+    m = jax.device_get({**metrics, **(norms or {}), "n_clipped": n_clipped})
+    m = {k: float(v) for k, v in m.items()}
+    m["clip_fraction"] = m.pop("n_clipped") / max(n_steps, 1)
+    m.pop("clipped", None)
+    m.update(stage=stage, lr=lr, steps_per_s=n_steps / seconds, tokens_per_s=n_steps * tokens_per_step / seconds,
+             elapsed_s=elapsed_s)
+    return m
+
+
+def _final_evaluation(c, cfg, params, ddir: str, tokenizer, result: Dict, writer, workdir: str) -> None:
+    """eval.tasks x eval.modes x eval.k with the final parameters, into `result` (eval, eval_seconds),
+    metrics.jsonl, eval/final.json and eval/final.md."""
+    done, T = result["step"], c.train
     t0 = time.time()
-    ks = [int(x) for x in parse(c.eval.k)]
-    rows = evaluate(state["params"], cfg, c, ddir, tokenizer, tasks=parse(c.eval.tasks), limit=c.eval.limit,
-                    modes=parse(c.eval.modes), ks=ks, step=done)
+    rows = evaluation.evaluate(params, cfg, c, ddir, tokenizer, tasks=R.parse_list(c.eval.tasks),
+                               limit=c.eval.limit, modes=R.parse_list(c.eval.modes), ks=R.eval_ks(c),
+                               ks_for=evaluation.training_ks, step=done)
     result["eval"] = rows
     result["eval_seconds"] = time.time() - t0
     writer.write(done, {f"eval/{r['task']}/{r['mode']}/k{r['k']}/{key}": v for r in rows for key, v in r.items()
                         if isinstance(v, float)})
-    writer.close()
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
         with open(os.path.join(workdir, "eval", "final.json"), "w") as f:
             json.dump(result, f, indent=2)
-        table = results_table(rows)
-        if stopped_early == "budget":  # the model is not the documented one: say so where the numbers are
+        table = evaluation.markdown_table(rows)
+        if result["stopped_early"] == "budget":  # the model is not the documented one: say so where the numbers are
             table = budget_warning(T.time_budget_s, done, T.steps) + "\n\n" + table
+        train_s = result["train_seconds"]
         with open(os.path.join(workdir, "eval", "final.md"), "w") as f:
             f.write(f"# {c.name}: step {done}, {train_s:.0f}s training\n\n{table}\n")
         log(f"\n[eval] step {done} ({train_s:.0f}s training, {result['eval_seconds']:.0f}s evaluation)\n{table}")
-    _sync_end()
-    return result
 
 
 def _init_from(c) -> str:
@@ -447,11 +396,9 @@ def _init_from(c) -> str:
 def params_from_run(run_dir: str, cfg: ModelConfig):
     """The latest checkpoint's parameters of another run (e.g. the retrieval-path run whose retriever formed), as
     the initial weights of this one; its architecture must be this config's (the ImpRAG split may differ)."""
-    from ..infer.session import RunError, restore_params
-
     try:
-        params, step, have = restore_params(run_dir)
-    except RunError as e:
+        params, step, have = R.restore_params(run_dir)
+    except R.RunError as e:
         raise config_lib.ConfigError(f"train.init_from={run_dir!r}: {e}") from None
     arch = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "tie_embeddings")
@@ -489,14 +436,6 @@ def health_line(m: Dict) -> str:
     return " ".join(parts)
 
 
-def start_step_hint(workdir: str) -> int:
-    """The step a run in `workdir` resumes from (the latest checkpoint folder's number; 0 when none), read from the
-    folder names so that the compiled stages can be chosen before the checkpoint manager opens."""
-    d = os.path.join(workdir, "checkpoints")
-    steps = [int(x) for x in os.listdir(d) if x.isdigit()] if os.path.isdir(d) else []
-    return max(steps) if steps else 0
-
-
 def _sync_end():
     if jax.process_count() > 1:  # leave together (a process that exits early breaks the shutdown barrier)
         from jax.experimental import multihost_utils
@@ -519,10 +458,6 @@ def _count_compiles():
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     _LISTENING[0] = True
-
-
-def parse(s):
-    return config_lib.parse_list(s)
 
 
 def _drop_passages(b):

@@ -15,7 +15,7 @@ cache:
 Positions are those of `model.read`: the bottom group runs at the prompt's own positions 0.., the middle and top
 groups at positions shifted by `offset` (k * l_max with passages). Only the last position of a prefill chunk is
 projected to the vocabulary. `greedy_generate` is both stages in one call (plain LM, or given passage K/V);
-`greedy_recompute` is the cache-free reference the tests compare against.
+the tests compare it with a cache-free reference (tests/oracles.py).
 
 Prompt lengths are bucketed to multiples of 16 (left padding) to bound recompilation; stop-token ids are data,
 `max_new_tokens` is static.
@@ -29,9 +29,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import ModelConfig
-from ..model.transformer import (Cache, DecoderLayer, PassageKV, embed_tokens, init_cache, logits_from_hidden,
-                                 retrieval_embedding)
+from .config import ModelConfig
+from .layers import DecoderLayer
+from .transformer import PassageKV, embed_tokens, logits_from_hidden, retrieval_embedding
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+class Cache(NamedTuple):
+    """Self-attention K/V of the generated sequence, per layer group, plus the passage K/V read once."""
+
+    k: jax.Array  # [N, B, S, KV, D]
+    v: jax.Array
+    mask: jax.Array  # [B, S] int32: filled, real positions
+    index: jax.Array  # scalar int32: next write index
+    next_pos: jax.Array  # [B] int32: position of the next token
+    pkv: Optional[PassageKV] = None
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    dt = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return Cache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), jnp.int32),
+                 jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
 
 
 def _bucket(n: int, step: int = 16) -> int:
@@ -222,36 +242,3 @@ def greedy_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
     out, _ = _generate(params, cfg, jnp.asarray(toks), jnp.asarray(mask), stop_array(stop_ids), pkv, prefix_bias,
                        jnp.int32(offset), max_new_tokens)
     return cut_at_stop(out, stop_ids)
-
-
-@partial(jax.jit, static_argnames=("cfg",))
-def _reference_logits(params, cfg: ModelConfig, tokens, mask, passages, passage_mask, prefix_bias):
-    from ..model import forward, read
-
-    if passages is None:
-        return forward(params, cfg, tokens, mask)
-    return read(params, cfg, tokens, mask, passages, passage_mask, prefix_bias=prefix_bias).logits
-
-
-def greedy_recompute(params, cfg: ModelConfig, prompt: Sequence[int], max_new_tokens: int, stop_ids=(),
-                     passages=None, passage_mask=None, prefix_bias=None) -> list[int]:
-    """Reference decoding without a cache: the whole sequence is re-read every step (with `passages` [1, k, L]
-    through `model.read`, the train-time reader). The sequence is right-padded to a fixed length (a multiple of
-    32) so that one compilation serves every step (causal attention: the padding after the last token changes nothing). For
-    tests."""
-    L = _bucket(len(prompt) + max_new_tokens, 32)
-    toks = np.zeros((1, L), np.int32)
-    seq = list(prompt)
-    out = []
-    for _ in range(max_new_tokens):
-        n = len(seq)
-        toks[0, :n] = seq
-        mask = (np.arange(L) < n).astype(np.int32)[None]
-        logits = _reference_logits(params, cfg, jnp.asarray(toks), jnp.asarray(mask), passages, passage_mask,
-                                   prefix_bias)
-        nxt = int(jnp.argmax(logits[0, n - 1]))
-        if nxt in stop_ids:
-            break
-        out.append(nxt)
-        seq.append(nxt)
-    return out
