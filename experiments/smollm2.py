@@ -16,6 +16,10 @@ The `retriever*` rows (`configs/smollm2.py:retriever`) use the whole mini-KILT (
 8,457 SQuAD training questions) and train the retrieval path alone; they report gold recall of the implicit
 retriever and of BM25 over the same 4,000-passage pool on NQ and SQuAD dev, and a recall-vs-steps curve in
 metrics.jsonl (`experiments/recall_curve.py` plots it).
+
+The `*_full` / `*_r` rows are the comparison on that budget (docs/results.md section 3b): 60 steps at the `cpu`
+shapes on the whole mini-KILT, evaluated over a 4,000-passage pool; `imprag_warmup_r` / `imprag_distill_r` start
+from the `retriever` row's run (run it first), `imprag_full` from SmolLM2-Instruct's own weights.
 """
 from __future__ import annotations
 
@@ -58,6 +62,10 @@ ROWS = {
                         "ImpRAG from the `retriever` row's weights: NCE + generation loss (warmup only)"),
     "imprag_distill_r": ("cpu", False, FULL_EVAL + ["--config.train.init_from={retriever}"], "full",
                          "ImpRAG from the `retriever` row's weights: NCE warmup, then self-distillation"),
+    # diagnostic: the same fine-tuning from SmolLM2-Instruct's own weights (no retrieval stage), to tell the reading
+    # layout's cost from the retrieval stage's
+    "imprag_full": ("cpu", False, FULL_EVAL, "full",
+                    "ImpRAG from SmolLM2-Instruct's weights (no retrieval stage): NCE warmup, then self-distillation"),
 }
 
 

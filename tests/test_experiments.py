@@ -24,7 +24,7 @@ def runners():
     import importlib.util
 
     mods = {}
-    for name in ("synthetic", "smollm2", "report"):
+    for name in ("synthetic", "smollm2", "report", "lm_drift"):
         spec = importlib.util.spec_from_file_location(f"exp_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
         m = importlib.util.module_from_spec(spec)
         sys.modules[f"exp_{name}"] = m
@@ -122,3 +122,33 @@ def test_report_f1_columns_and_row_selection(runners, tmp_path):
             rep.table(runs, ["nope"])
     finally:
         rep.TASKS = old
+
+
+def test_lm_drift_pretrained_beats_a_perturbed_model(runners, tmp_path):
+    """The plain-LM NLL of SmolLM2 on real text is low, and moving its bottom layers (as a retrieval stage does)
+    raises it -- what experiments/lm_drift.py reports for a run."""
+    import jax
+    import numpy as np
+    from imprag_jax.convert import fetch
+
+    if fetch.smollm2_path() is None:
+        pytest.skip("SmolLM2 GGUF not cached (python -m imprag_jax.convert.fetch smollm2)")
+    ld = runners["lm_drift"]
+    (tmp_path / "passages.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in (
+        "Paris is the capital and most populous city of France, with an estimated population of two million.",
+        "The Nile is a major north-flowing river in northeastern Africa and flows into the Mediterranean Sea.",
+        "Photosynthesis is the process by which green plants use sunlight to make food from carbon dioxide.")) + "\n")
+    texts = ld.sample_passages(str(tmp_path), 3, every=1)
+    assert len(texts) == 3
+    cfg, params, tok = fetch.resolve_model("smollm2")
+    base = ld.lm_nll(params, cfg, tok, texts, 32)
+    assert 0.5 < base < 5.0  # a pretrained LM on plain English
+    rng = np.random.default_rng(0)
+    layers = params["layers"]
+    noisy = jax.tree.map(lambda x: x, params)
+    noisy["layers"] = jax.tree.map(
+        lambda w: w + (0.5 * np.std(np.asarray(w)) * rng.standard_normal(w.shape)).astype(np.asarray(w).dtype)
+        if np.ndim(w) >= 2 else w, layers)
+    assert ld.lm_nll(noisy, cfg, tok, texts, 32) > base + 0.3
+    with pytest.raises(SystemExit, match="passages.jsonl"):
+        ld.sample_passages(str(tmp_path / "nope"), 3)
