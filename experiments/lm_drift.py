@@ -20,7 +20,7 @@ def sample_passages(data_dir: str, n: int, every: int = 997) -> list:
     """Every `every`-th passage of <data_dir>/passages.jsonl, up to n (a fixed, spread-out sample)."""
     path = os.path.join(data_dir, "passages.jsonl")
     if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: prepare the mini-KILT first (python -m imprag_jax.data.prepare)")
+        raise FileNotFoundError(f"{path} not found: prepare the mini-KILT first (python -m imprag_jax.data.prepare)")
     texts = []
     with open(path) as f:
         for i, line in enumerate(f):
@@ -33,19 +33,17 @@ def sample_passages(data_dir: str, n: int, every: int = 997) -> list:
 
 def lm_nll(params, cfg, tok, texts: list, length: int = 96) -> float:
     """Mean next-token NLL over the first `length` tokens of each text (the plain LM: every layer, no retrieval)."""
-    import jax
     import jax.numpy as jnp
 
     from imprag_jax.model.transformer import forward
+    from imprag_jax.train.losses import generation_nll, token_logprobs
 
     ids = [tok.encode(t)[:length] for t in texts]
     toks = np.array([x + [tok.pad_id] * (length - len(x)) for x in ids], np.int32)
     mask = np.array([[1] * len(x) + [0] * (length - len(x)) for x in ids], np.int32)
     logits = forward(params, cfg, jnp.asarray(toks), jnp.asarray(mask))
-    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-    ll = jnp.take_along_axis(lp, jnp.asarray(toks[:, 1:])[..., None], -1)[..., 0]
-    m = jnp.asarray(mask[:, 1:])
-    return float(-(ll * m).sum() / m.sum())
+    total, count = generation_nll(token_logprobs(logits[:, :-1], jnp.asarray(toks[:, 1:])), jnp.asarray(mask[:, 1:]))
+    return float(total / count)
 
 
 def main(argv=None) -> int:
@@ -60,7 +58,14 @@ def main(argv=None) -> int:
     from imprag_jax.convert.fetch import resolve_model
     from imprag_jax.run import RunError, restore_params
 
-    texts = sample_passages(a.data, a.n)
+    try:  # user mistakes first, in one line, before the model is read
+        texts = sample_passages(a.data, a.n)
+        missing = [wd for wd in a.runs if not os.path.isdir(os.path.join(wd, "checkpoints"))]
+        if missing:
+            raise FileNotFoundError(f"no checkpoints in {', '.join(missing)} (give run directories)")
+    except FileNotFoundError as e:
+        print(f"lm_drift: {e}", file=sys.stderr)
+        return 2
     cfg0, p0, tok = resolve_model("smollm2")
     print(f"pretrained SmolLM2-135M-Instruct: {lm_nll(p0, cfg0, tok, texts, a.length):.3f} nats/token "
           f"({len(texts)} passages x {a.length} tokens)", flush=True)
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
         try:
             p, step, cfg = restore_params(wd)
         except RunError as e:
-            print(f"{wd}: {e}", file=sys.stderr)
+            print(f"lm_drift: {e}", file=sys.stderr)
             return 2
         print(f"{wd} (step {step}): {lm_nll(jax.tree.map(jax.numpy.asarray, p), cfg, tok, texts, a.length):.3f}",
               flush=True)

@@ -93,7 +93,7 @@ def table(runs: dict, rows: list = (), f1: bool = False) -> str:
     lines = [head, sep]
     missing = [r for r in rows if r not in runs]
     if missing:
-        raise SystemExit(f"no results for row(s) {', '.join(missing)}")
+        raise ValueError(f"no results for row(s) {', '.join(missing)} (known: {', '.join(row_names(runs))})")
     for row in (list(rows) or row_names(runs)):
         rs = list(runs[row].values())
         cells = []
@@ -151,7 +151,11 @@ def main(argv=None) -> int:
     global TASKS
     TASKS = SMOLLM2_TASKS if a.smollm2 else SYNTHETIC_TASKS
     runs = load(a.out or os.path.join(ROOT, "runs", "experiments_smollm2" if a.smollm2 else "experiments"))
-    md = table(runs, [r for r in a.rows.split(",") if r], a.f1)
+    try:
+        md = table(runs, [r for r in a.rows.split(",") if r], a.f1)
+    except ValueError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
     print(md)
     if a.md:
         with open(a.md, "w") as f:

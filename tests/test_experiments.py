@@ -118,8 +118,9 @@ def test_report_f1_columns_and_row_selection(runners, tmp_path):
         assert "| NQ (seen) EM | NQ (seen) F1 | NQ (seen) R@5 |" in table
         assert "| imprag_distill_r | 1 | 60 | 0.100 | 0.250 | 0.500 |" in table
         assert "retriever" not in table and table.index("imprag_distill_r") < table.index("ra_it_full")
-        with pytest.raises(SystemExit, match="no results for row"):
+        with pytest.raises(ValueError, match="no results for row"):
             rep.table(runs, ["nope"])
+        assert rep.main(["--smollm2", "--out", str(tmp_path), "--rows", "nope"]) == 2
     finally:
         rep.TASKS = old
 
@@ -150,5 +151,7 @@ def test_lm_drift_pretrained_beats_a_perturbed_model(runners, tmp_path):
         lambda w: w + (0.5 * np.std(np.asarray(w)) * rng.standard_normal(w.shape)).astype(np.asarray(w).dtype)
         if np.ndim(w) >= 2 else w, layers)
     assert ld.lm_nll(noisy, cfg, tok, texts, 32) > base + 0.3
-    with pytest.raises(SystemExit, match="passages.jsonl"):
+    with pytest.raises(FileNotFoundError, match="passages.jsonl"):
         ld.sample_passages(str(tmp_path / "nope"), 3)
+    assert ld.main(["--data", str(tmp_path / "nope")]) == 2  # user mistakes: one line, exit 2
+    assert ld.main(["--data", str(tmp_path), str(tmp_path / "no_run")]) == 2
