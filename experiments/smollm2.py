@@ -53,6 +53,11 @@ ROWS = {
                        "as `retriever` with mean pooling over the tokens (an option beyond the paper)"),
     "retriever_raw": ("retriever", False, ["--config.model.score_scale=raw"], "full",
                       "as `retriever` with the raw dot product (the paper's Eq. 3 as written)"),
+    # the b sweep (the paper's Figure 2 at the retriever stage): the same recipe with E_q/E_p at another layer;
+    # run each with the same `--steps` (docs/results.md section 3a: 100 steps) and compare with `retriever`
+    **{f"retriever_b{b}": ("retriever", False, [f"--config.model.b={b}"], "full",
+                           f"as `retriever` with b = {b} (E_q/E_p from layer {b}; layers 0-{b - 1} trained)")
+       for b in (4, 10, 13)},
     # the real-data comparison on the retriever's budget: every row fine-tunes at the cpu shapes on the whole
     # mini-KILT and evaluates over a 4,000-passage pool holding the evaluated questions' gold passages
     "closed_book_full": ("cpu,closed_book", False, FULL_EVAL, "full", "fine-tuned without passages"),
@@ -67,16 +72,6 @@ ROWS = {
     "imprag_full": ("cpu", False, FULL_EVAL, "full",
                     "ImpRAG from SmolLM2-Instruct's weights (no retrieval stage): NCE warmup, then self-distillation"),
 }
-
-
-def prepare(out: str, limit: int) -> str:
-    d = os.path.join(out, f"minikilt_limit{limit}")
-    if not os.path.exists(os.path.join(d, "stats.json")):
-        cmd = [sys.executable, "-m", "imprag_jax.data.prepare", "--source", os.path.join(ROOT, "..", "shared", "data"),
-               "--out", d, "--limit", str(limit), "--free_per_task", str(3 * limit), "--no_progress"]
-        print("[experiments] " + " ".join(cmd), flush=True)
-        subprocess.check_call(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return d
 
 
 def data_dir(out: str, row: str, limit: int) -> str:
