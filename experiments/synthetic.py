@@ -63,6 +63,11 @@ ROWS = {
     # the synthetic world: questions that name the person ~15 tokens before their end (a third QA phrasing)
     "long_questions": ("", T2 + ["--config.data.qa_templates=3", "--config.data.L_q=40"],
                        "a third QA phrasing with the name far from the end (b = 1, t = 2)"),
+    # unseen-format retrieval: the query must find the person past ~20 instruction words (slot filling's prompt)
+    "query_filler": ("", ["--config.data.query_filler=0.5", "--config.data.L_q=40"],
+                     "b1_t3 (the default) with 0-24 filler words (never a word of an evaluated template) before "
+                     "the answer marker of half the retrieval rows, so the name sits at varied distances from "
+                     "the last token"),
     # beyond the paper: candidates from the model's own index (in the NCE stage and the KL stage)
     "distill_index": ("", T2 + ["--config.train.stages=both", "--config.train.candidates=mixed"],
                       "warmup_distill with up to 2 of each example's 3 negatives mined from the model's own index "

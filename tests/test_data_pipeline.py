@@ -1,6 +1,7 @@
 """Fixed-shape batch pipeline: the batch contract, candidates, counterfactuals, resume, determinism, hosts."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -279,3 +280,35 @@ def test_plain_kilt_directory_without_world(tmp_path, wdir, tok):
         assert b["passage_ids"][i, j] == int(b["example_index"][i])
     with pytest.raises(ValueError):  # no pseudo-labels and nothing to fall back on is fine; no tasks is not
         P.TrainBatches(d, tok, P.BatchConfig(batch_size=4, tasks={}), prefetch=0)
+
+
+def test_query_filler_moves_the_entity_away_from_the_last_token(wdir, tok):
+    """data.query_filler: filler words (never a word of an evaluated template) go before the answer marker, the
+    prompt still fits L_q, the question and everything else of the row are unchanged; off, rows are as before."""
+    from imprag_jax.data import templates as T
+
+    world = S.World.load(wdir)
+    pool = P.filler_words(world)
+    evaluated = " ".join(re.sub(r"\{\w+\}", " ", T.TEMPLATES[t])  # the templates' words, not their slots
+                         for t in ("qa", "slot_filling", "entity_linking", "fact_verification"))
+    assert pool and not set(pool) & set(_words(tok, tok.encode(evaluated)).split())
+    assert set(P.filler_words()) < set(pool)  # without a world: the retrieval-free instructions' words only
+    kw = dict(tasks={"qa": 1.0}, free_batch_size=0, positives="gold", negatives="generator", n_neg=3, cf=0.0, L_q=40)
+    plain = _it(wdir, tok, _cfg(**kw)).batch(0)
+    assert all(np.array_equal(plain[k], _it(wdir, tok, _cfg(query_filler=0.0, **kw)).batch(0)[k]) for k in plain)
+    filled = _it(wdir, tok, _cfg(query_filler=1.0, query_filler_max=20, **kw)).batch(0)
+    for k in ("passages", "passage_ids", "positives", "example_index"):
+        assert np.array_equal(plain[k], filled[k]), k
+    longer = 0
+    for i in range(len(plain["tokens"])):
+        p = _words(tok, plain["tokens"][i][plain["prompt_mask"][i] == 1])
+        f = _words(tok, filled["tokens"][i][filled["prompt_mask"][i] == 1])
+        assert filled["prompt_mask"][i].sum() <= 40
+        q, marker = p[:p.rindex("A")].strip(), p[p.rindex("A"):]
+        assert f.startswith(q) and f.endswith(marker)
+        extra = f[len(q):len(f) - len(marker)].split()
+        assert set(extra) <= set(pool)
+        longer += len(extra) > 0
+        ans = _words(tok, plain["tokens"][i][plain["loss_mask"][i] == 1])
+        assert ans == _words(tok, filled["tokens"][i][filled["loss_mask"][i] == 1])
+    assert longer >= len(plain["tokens"]) // 2

@@ -102,6 +102,8 @@ class BatchConfig:
     exclude_gold_from_negatives: bool = True
     cf: float = 0.0                      # share of synthetic training examples re-rendered counterfactually
     cf_negatives: bool = False           # also re-render the other candidates of a counterfactual example
+    query_filler: float = 0.0            # share of retrieval rows given filler words before the answer marker
+    query_filler_max: int = 24           # at most this many filler words (fewer when the prompt would not fit L_q)
     add_bos: bool = True
     title_format: Optional[str] = TITLE_FORMAT
     seed: int = 0
@@ -117,8 +119,10 @@ class BatchConfig:
             raise ValueError("L_q >= 2, L_r >= 1, l_max >= 2 and k >= 1 are needed")
         if self.L_free < 0 or self.L_free_r < 0 or self.Lf - self.Lf_r < 2:
             raise ValueError(f"L_free={self.L_free} must leave >= 2 prompt tokens beside L_free_r={self.Lf_r}")
-        if not 0.0 <= self.cf <= 1.0 or not 0.0 <= self.random_neg_fraction <= 1.0:
-            raise ValueError("cf and random_neg_fraction are probabilities")
+        if not 0.0 <= self.cf <= 1.0 or not 0.0 <= self.random_neg_fraction <= 1.0 or not 0.0 <= self.query_filler <= 1.0:
+            raise ValueError("cf, random_neg_fraction and query_filler are probabilities")
+        if self.query_filler_max < 0:
+            raise ValueError(f"query_filler_max must be >= 0, got {self.query_filler_max}")
         lo, hi = self.neg_ranks
         if lo < 1 or hi < lo:
             raise ValueError(f"neg_ranks must satisfy 1 <= lo <= hi, got {self.neg_ranks}")
@@ -184,6 +188,31 @@ def example_prompt(obj: Mapping, task: Optional[str] = None) -> str:
         return obj["input"]
     fields = meta.get("fields") if isinstance(meta.get("fields"), dict) else T.fields_from_input(tt, obj["input"])
     return T.render(tt, fields)
+
+
+# task types whose templates the evaluation uses: their words never serve as filler (`filler_words`)
+_EVAL_TYPES = ("qa", "slot_filling", "entity_linking", "fact_verification")
+
+
+def filler_words(world=None) -> list:
+    """Words for `BatchConfig.query_filler`: the instruction words of the retrieval-free templates (phrase
+    denoising, sentence generation, summarisation), plus, for the synthetic world, the words of its passage
+    templates and two-hop questions -- less every word of the evaluated task types' templates, so no evaluation
+    prompt's instruction is ever seen as filler. Sorted (deterministic)."""
+    def words(s):
+        import re
+
+        return set(re.findall(r"[^\W_]+", re.sub(r"\{\w+\}", " ", s)))
+
+    pool = set().union(*[words(v) for v in T.TEMPLATES.values()])
+    if world is not None:
+        from imprag_jax.data import synthetic as S
+
+        pool |= set().union(*[words(x) for x in S.BIO_TEMPLATES + S.ORG_TEMPLATES + S.CITY_TEMPLATES
+                              + S.COUNTRY_TEMPLATES + S.LETTER_TEMPLATES + S.EVENT_TEMPLATES
+                              + tuple(S.TWO_HOP_QUESTIONS.values())])
+    pool -= set().union(*[words(T.TEMPLATES[t]) for t in _EVAL_TYPES])
+    return sorted(pool)
 
 
 def _record_path(data_dir: str, task: str, split: str) -> str:
@@ -369,8 +398,10 @@ class TrainBatches:
         self.passages, self.passage_index = _passage_rows(data_dir)
         self.n_passages = len(self.passages)
         self._ptok = None  # corpus tokens, built on first use
+        self._filler = None  # filler words of `data.query_filler`, built on first use
         self.world = world
-        if cfg.cf > 0 and self.world is None and os.path.exists(os.path.join(data_dir, "world.json")):
+        if ((cfg.cf > 0 or cfg.query_filler > 0) and self.world is None
+                and os.path.exists(os.path.join(data_dir, "world.json"))):
             from imprag_jax.data.synthetic import World
             self.world = World.load(data_dir)
 
@@ -504,6 +535,8 @@ class TrainBatches:
         cands, pos = self._candidates(rec, gold, rng)
         if cf and not set(gold) <= set(cands):  # pseudo positives missed the counterfactual gold: keep it real
             cf, prompt, answer = None, rec["prompt"], (rec["answers"][0] if rec["answers"] else "")
+        if cfg.query_filler > 0 and rng.random() < cfg.query_filler:  # drawn after the candidates: they stay as without
+            prompt = self._with_filler(prompt, rng)
         p_ids = self.enc.prompt(prompt, cfg.L_q, self.truncation)
         r_ids = self.enc.response(answer, cfg.L_r, self.response_truncation)
         row = self._tokens(p_ids, r_ids, rec["row"])
@@ -530,6 +563,24 @@ class TrainBatches:
         positives[:len(cands)] = [c in pos for c in cands]
         row.update(passages=toks, passage_mask=mask, passage_ids=ids, positives=positives)
         return row
+
+    def _with_filler(self, prompt: str, rng) -> str:
+        """The prompt with 0..query_filler_max random instruction-like words (`filler_words`) inserted before its
+        answer marker ("A:"; the end when it has none), as many as fit L_q: the entity the question names then
+        sits at varied distances from the last token, whose query state must find it by content (prompts of
+        unseen formats put ~20 instruction words after it)."""
+        if self._filler is None:
+            self._filler = filler_words(self.world)
+        cut = prompt.rstrip().rfind("A:") if prompt.rstrip().endswith("A:") else len(prompt)
+        head, tail = prompt[:cut].rstrip(), prompt[cut:].strip()
+        n = int(rng.integers(0, self.cfg.query_filler_max + 1))
+        words = [self._filler[i] for i in rng.integers(len(self._filler), size=n)]
+        while n > 0:
+            text = " ".join(x for x in (head, " ".join(words[:n]), tail) if x)
+            if len(self.enc.prompt(text, 10 ** 6, TruncationStats())) <= self.cfg.L_q:
+                return text
+            n -= 1
+        return prompt
 
     def _candidates(self, rec: dict, gold: list, rng) -> tuple:
         """(candidate rows in slot order, set of positive rows)."""

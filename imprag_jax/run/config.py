@@ -114,6 +114,8 @@ def batch_config(c):
                            l_max=d.l_max, k=d.k, tasks=parse_weights(d.tasks), free_tasks=parse_weights(d.free_tasks),
                            positives=d.positives, n_pos=d.n_pos, negatives=d.negatives, n_neg=d.n_neg,
                            neg_ranks=tuple(d.neg_ranks), random_neg_fraction=d.random_neg_fraction, cf=d.cf,
-                           cf_negatives=d.cf_negatives, add_bos=d.add_bos, seed=c.seed)
+                           cf_negatives=d.cf_negatives, add_bos=d.add_bos,
+                           query_filler=d.get("query_filler", 0.0), query_filler_max=d.get("query_filler_max", 24),
+                           seed=c.seed)
     except ValueError as e:
         _fail(f"data config: {e}")
