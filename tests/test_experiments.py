@@ -24,7 +24,7 @@ def runners():
     import importlib.util
 
     mods = {}
-    for name in ("synthetic", "smollm2", "report", "lm_drift"):
+    for name in ("synthetic", "smollm2", "report", "lm_drift", "layout_nll"):
         spec = importlib.util.spec_from_file_location(f"exp_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
         m = importlib.util.module_from_spec(spec)
         sys.modules[f"exp_{name}"] = m
@@ -155,3 +155,33 @@ def test_lm_drift_pretrained_beats_a_perturbed_model(runners, tmp_path):
         ld.sample_passages(str(tmp_path / "nope"), 3)
     assert ld.main(["--data", str(tmp_path / "nope")]) == 2  # user mistakes: one line, exit 2
     assert ld.main(["--data", str(tmp_path), str(tmp_path / "no_run")]) == 2
+
+
+def test_layout_nll_reads_a_made_up_fact_in_context(runners, tmp_path):
+    """experiments/layout_nll.py: SmolLM2 with a passage stating a made-up fact in context gives the answer a far
+    lower NLL than without it (the tool measures reading); user mistakes exit 2 in one line."""
+    import numpy as np
+    from imprag_jax.convert import fetch
+
+    ln = runners["layout_nll"]
+    assert ln.main(["--data", str(tmp_path / "nope")]) == 2
+    if fetch.smollm2_path() is None:
+        pytest.skip("SmolLM2 GGUF not cached (python -m imprag_jax.convert.fetch smollm2)")
+    cfg, params, tok = fetch.resolve_model("smollm2")
+    cfg = cfg.replace(b=7, t=21, passage_attention="joint")
+    rows = [("Q: What is the capital of Zorbania? A:", " Quexlotown", "Zorbania: The capital of Zorbania is Quexlotown."),
+            ("Q: Who invented the glimmerphone? A:", " Talia Brunsk",
+             "Glimmerphone: The glimmerphone was invented by Talia Brunsk in 1931.")]
+    L, P = 24, 24
+    b = {k: np.zeros((len(rows), L), np.int32) for k in ("tokens", "mask", "prompt_mask", "loss_mask")}
+    b["passages"], b["passage_mask"] = np.zeros((len(rows), 1, P), np.int32), np.zeros((len(rows), 1, P), np.int32)
+    for i, (q, a, passage) in enumerate(rows):
+        qi, ai, pi = tok.encode(q), tok.encode(a) + [tok.eos_id], tok.encode(passage)
+        n = len(qi) + len(ai)
+        b["tokens"][i, :n], b["mask"][i, :n] = qi + ai, 1
+        b["prompt_mask"][i, :len(qi)], b["loss_mask"][i, len(qi):n] = 1, 1
+        b["passages"][i, 0, :len(pi)], b["passage_mask"][i, 0, :len(pi)] = pi, 1
+    cb, _ = ln.layout_scores(params, cfg, b, "closed_book")
+    ctx, hit = ln.layout_scores(params, cfg, b, "in_context")
+    assert ctx < cb - 2.0 and hit == 1.0
+    assert np.isfinite(ln.layout_scores(params, cfg, b, "imprag")[0])
