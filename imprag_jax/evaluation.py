@@ -29,15 +29,41 @@ def _fmt(v):
 
 
 COLUMNS = ["task", "mode", "k", "n", "em", "f1", "accuracy", "answer_recall@1", "answer_recall@5", "answer_recall@10",
-           "pool", "gold_recall@1", "gold_recall@5", "gold_recall@10", "gold_recall@20", "chance_gold_recall@5"]
+           "pool", "with gold", "gold_recall@1", "gold_recall@5", "gold_recall@10", "gold_recall@20",
+           "chance_gold_recall@5"]
+NOT_MEASURED = "n/a"  # a metric a row computes but cannot measure (gold recall with no example that has gold)
+
+
+def _cell(r, c):
+    if c == "with gold":  # gold recall and oracle answers are over these examples
+        return f"{r['n_gold']}/{r['n']}" if r.get("n_gold") is not None else ""
+    if c in r and r[c] is None:
+        return NOT_MEASURED
+    return _fmt(r.get(c))
 
 
 def markdown_table(rows) -> str:
-    cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+    """The result table. A column is shown when some row computes it (gold recall with no gold passage in a task is
+    "n/a", not a dropped column); "with gold" is examples with a gold passage / examples."""
+    cols = [c for c in COLUMNS if any(_cell(r, c) != "" for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def check_oracle(data_dir: str, tasks, modes, split: str, limit) -> None:
+    """`NoGoldError` (one line) when oracle reading is asked of a task none of whose examples has a gold passage."""
+    if "oracle" not in modes:
+        return
+    from .infer.imprag import NoGoldError, gold_counts
+
+    for t in tasks:
+        n, n_gold = gold_counts(data_dir, t, split, limit)
+        if n and not n_gold:
+            raise NoGoldError(f"mode 'oracle' reads the gold passages, but none of the {n} examples of {t}.{split} "
+                              "has one (its provenance names no passage of the knowledge source); drop oracle for "
+                              "this task")
 
 
 def _score(r):
@@ -122,10 +148,11 @@ def training_ks(mode: str, ks: Sequence[int]) -> list:
 
 def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limit, step: int, split=None,
              batch_size=None, max_new_tokens=None, backend=None, corpus=None, ks_for: Optional[Callable] = None,
-             timed: bool = False, bar=None, predictions=None):
+             timed: bool = False, bar=None, predictions=None, progress: bool = False):
     """Result rows for every task x mode (x k) with parameters `params` (config `c` gives the data settings and
     the eval defaults). `ks`: the passages read, for every mode, or per mode as `ks_for(mode, ks)` says
-    (`training_ks`). Retrieval-only rows come first, then one row per task, mode and k; with `timed`, each row
+    (`training_ks`); `progress`: a bar while the corpus is encoded (on a terminal). Retrieval-only rows come
+    first, then one row per task, mode and k; with `timed`, each row
     has the seconds its pass took (the rows are otherwise a function of the parameters and the config). `corpus`: the tokenized passages when the caller has them; `bar`: a tqdm bar to advance."""
     from .data.pipeline import corpus_tokens
     from .infer.imprag import Retriever, evaluate_modes, passage_texts
@@ -147,7 +174,7 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
         t1 = time.time()
         rec = recall_rows(params, cfg, data_dir, tasks, tokenizer, corpus=corpus, texts=passage_texts(data_dir),
                           modes=rec_modes, split=split, limit=limit, L_q=L_q, add_bos=add_bos, pool=pool, seed=seed,
-                          batch_size=batch_size)
+                          batch_size=batch_size, progress=progress)
         for r in rec if timed else ():
             r["seconds"] = round(time.time() - t1, 2)
         rows += rec
@@ -163,7 +190,7 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
             pool_sel = pool_rows(len(toks), eval_gold(data_dir, tasks, tokenizer, split=split, limit=limit, L_q=L_q,
                                                       add_bos=add_bos), pool, seed)
         retriever = Retriever.build(params, cfg, toks, mask, passage_texts(data_dir), step=step,
-                                    backend=backend or E.backend, rows=pool_sel)
+                                    backend=backend or E.backend, rows=pool_sel, progress=progress)
     for task in tasks:
         for mode in [m for m in modes if m not in RECALL_MODES]:  # every k of a mode in one pass over the data
             if bar is not None:
@@ -215,6 +242,12 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     if missing or not tasks:
         raise R.RunError(f"task(s) {missing or tasks} have no {split} split in {data_dir} "
                          f"(available: {', '.join(have)})")
+    from .infer.imprag import NoGoldError
+
+    try:  # before any evaluation
+        check_oracle(data_dir, tasks, modes, split, limit)
+    except NoGoldError as e:
+        raise R.RunError(str(e)) from None
     tok = R.tokenizer(c, data_dir)
     import jax
 
@@ -226,7 +259,7 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     preds = [] if predictions else None
     rows = evaluate(params, cfg, c, data_dir, tok, tasks=tasks, modes=modes, ks=ks, limit=limit, step=step,
                     split=split, batch_size=batch_size, max_new_tokens=max_new_tokens, backend=backend, timed=True,
-                    bar=bar, predictions=preds)
+                    bar=bar, predictions=preds, progress=progress and cli.stderr_is_terminal())
     bar.close()
     max_new = int(max_new_tokens or E.max_new_tokens)
     report = {"workdir": os.path.abspath(workdir), "name": c.name, "step": step, "split": split, "limit": limit,
@@ -246,8 +279,10 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
                 f"{max_new} tokens; {report['seconds']:.0f}s; {report['date']}\n\n{table}\n\n"
                 "EM / F1: KILT (SQuAD) normalisation, best over the aliases; accuracy: true/false tasks (first word "
                 "of the answer). answer_recall@k: an answer occurs (normalised) in the top-k passages (the paper's "
-                "retrieval recall); gold_recall@k: a gold provenance passage is in the top k. Recall is that of "
-                "the model's own retrieval (imprag) or of the stored BM25 ranking (bm25).\n")
+                "retrieval recall); gold_recall@k: a gold provenance passage is in the top k, over the examples "
+                "that have one (with gold: those / all; n/a: none has one); oracle rows answer those examples "
+                "only. Recall is that of the model's own retrieval (imprag) or of the stored BM25 ranking "
+                "(bm25).\n")
     if preds is not None:
         with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
             for p in preds:

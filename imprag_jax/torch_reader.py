@@ -13,11 +13,13 @@ imprag.json:
 * E_q: the prompt runs through layers [0, b) at positions 0..len-1; at layer b, input_layernorm -> q_proj of the
   last token (pre-RoPE, or rotated at its own position for `retrieval_rope: post`), the query heads averaged within
   each GQA group -> [num_key_value_heads * head_dim]. E_p: the same with k_proj on each passage alone.
-* Retrieval: dot products, top k.
+* Retrieval: dot products (E_q carries `score_multiplier`, the model's score_scale), top k.
 * Reading: the k passages run through layers b..t in slots (passage j at positions j*l_max + i), joint causal
   attention over their concatenation (or independent), and each middle layer's rotated K/V is kept. The prompt
   runs through layers b..t at positions from `prompt_offset` (k*l_max) attending in one softmax over
-  [passage K/V ; its own causal K/V], then through the top layers alone (passages never reach them).
+  [passage K/V ; its own causal K/V], then through the top layers alone (passages never reach them). With
+  `score_bias` (imprag.json), the attention logits onto passage j's tokens get + log_softmax_j of the retrieval
+  scores of the k passages read, in every middle layer (`generate(..., scores=)`, `answer`).
 * Greedy decoding recomputes the sequence every token (simple and exact; the models it checks are small).
 
 `compare(...)` runs the same prompts and corpus through this reader and the JAX model and reports max |ΔE_q|,
@@ -116,20 +118,23 @@ class TorchImpRAG:
         x = self.torch.nn.functional.embedding(ids, self.model.model.embed_tokens.weight)
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
-    def attend(self, q, k, v, mask):
-        """q [B, Lq, H, D]; k, v [B, Lk, KV, D]; mask bool [B, Lq, Lk] -> [B, Lq, H*D] (one softmax, fp32)."""
+    def attend(self, q, k, v, mask, bias=None):
+        """q [B, Lq, H, D]; k, v [B, Lk, KV, D]; mask bool [B, Lq, Lk]; bias: optional fp32 [B, Lq, Lk] added to
+        the scaled logits -> [B, Lq, H*D] (one softmax, fp32)."""
         torch = self.torch
         B, Lq = q.shape[:2]
         qg = q.reshape(B, Lq, self.KV, self.G, self.D)
         logits = torch.einsum("bqhgd,bkhd->bhgqk", qg.float(), k.float()) / math.sqrt(self.D)
+        if bias is not None:
+            logits = logits + bias.float()[:, None, None]
         logits = logits.masked_fill(~mask[:, None, None], NEG)
         p = torch.softmax(logits, dim=-1).to(v.dtype)
         o = torch.einsum("bhgqk,bkhd->bqhgd", p, v)
         return o.reshape(B, Lq, self.H * self.D).to(q.dtype)
 
-    def layer(self, i: int, x, pos, mask, prefix=None):
-        """Decoder layer i. prefix = (k, v, prefix_mask [B, Lq, P]) of the passages: keys before the own keys.
-        Returns (new x, (rotated k, v) of x)."""
+    def layer(self, i: int, x, pos, mask, prefix=None, prefix_bias=None):
+        """Decoder layer i. prefix = (k, v, prefix_mask [B, Lq, P]) of the passages: keys before the own keys;
+        prefix_bias: optional [P] attention bias on those keys (the score bias). Returns (new x, (rotated k, v))."""
         F = self.torch.nn.functional
         lay = self.layers[i]
         a = lay.self_attn
@@ -137,13 +142,17 @@ class TorchImpRAG:
         q = self._rope(self._proj(h, a.q_proj, self.H), pos)
         k = self._rope(self._proj(h, a.k_proj, self.KV), pos)
         v = self._proj(h, a.v_proj, self.KV)
-        kk, vv, m = k, v, mask
+        kk, vv, m, bias = k, v, mask, None
         if prefix is not None:
             pk, pv, pm = prefix
             kk = self.torch.cat([pk, k], dim=1)
             vv = self.torch.cat([pv, v], dim=1)
             m = self.torch.cat([pm, mask], dim=-1)
-        x = x + F.linear(self.attend(q, kk, vv, m), a.o_proj.weight)
+            if prefix_bias is not None:
+                B, Lq = x.shape[:2]
+                bias = self.torch.cat([prefix_bias.float()[None, None].expand(B, Lq, -1),
+                                       self.torch.zeros((B, Lq, k.shape[1]))], dim=-1)
+        x = x + F.linear(self.attend(q, kk, vv, m, bias), a.o_proj.weight)
         h = self._norm(x, lay.post_attention_layernorm.weight)
         mlp = lay.mlp
         x = x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
@@ -247,12 +256,25 @@ class TorchImpRAG:
             kv.append((k, v))
         return kv
 
+    def score_bias(self, scores, passages: Sequence[Sequence[int]]):
+        """The attention bias [P] on the concatenated passage tokens: log_softmax over the k passages' retrieval
+        scores, repeated over each passage's tokens (JAX: `infer.imprag.score_bias`)."""
+        torch = self.torch
+        g = torch.log_softmax(torch.tensor(np.asarray(scores, np.float32)).reshape(-1)[:len(passages)], dim=-1)
+        return torch.repeat_interleave(g, torch.as_tensor([len(p) for p in passages]))
+
+    def _bias_for(self, scores, passages):
+        if scores is None or not len(passages) or not self.meta.get("score_bias", False):
+            return None
+        return self.score_bias(scores, passages)
+
     def prompt_offset(self, k: int) -> int:
         po = self.meta.get("prompt_offset")
         return int(po) if po is not None else k * self.l_max
 
-    def read_logits(self, seq: Sequence[int], kv=None, k: int = 0):
-        """Logits [L, V] of one sequence reading the passages' K/V (kv=None: the plain decoder)."""
+    def read_logits(self, seq: Sequence[int], kv=None, k: int = 0, bias=None):
+        """Logits [L, V] of one sequence reading the passages' K/V (kv=None: the plain decoder); bias: the score
+        bias [P] of the passages (`score_bias`), None for none."""
         torch = self.torch
         with torch.no_grad():
             x, _, pos = self.bottom([seq])
@@ -266,20 +288,22 @@ class TorchImpRAG:
             for n, i in enumerate(range(self.b, self.t + 1)):
                 pk, pv = kv[n]
                 pm = torch.ones((1, L, pk.shape[1]), dtype=torch.bool)
-                x, _ = self.layer(i, x, pos, causal, prefix=(pk, pv, pm))
+                x, _ = self.layer(i, x, pos, causal, prefix=(pk, pv, pm), prefix_bias=bias)
             for i in range(self.t + 1, self.N):
                 x, _ = self.layer(i, x, pos, causal)
             return self.logits_from_hidden(x)[0]
 
     def generate(self, prompt: Sequence[int], passages: Sequence[Sequence[int]] = (), max_new_tokens: int = 8,
-                 stop_ids: Optional[Sequence[int]] = None) -> List[int]:
-        """Greedy continuation of `prompt` reading `passages` (none: closed book); the stop token is dropped."""
+                 stop_ids: Optional[Sequence[int]] = None, scores=None) -> List[int]:
+        """Greedy continuation of `prompt` reading `passages` (none: closed book); the stop token is dropped.
+        scores: the passages' retrieval scores, read as the score bias when imprag.json has score_bias."""
         stop = set(self.meta.get("stop_ids", []) if stop_ids is None else stop_ids)
         with self.torch.no_grad():
             kv = self.passage_kv(passages) if len(passages) else None
+        bias = self._bias_for(scores, passages)
         seq, out = list(prompt), []
         for _ in range(max_new_tokens):
-            nxt = int(self.read_logits(seq, kv, len(passages))[-1].argmax())
+            nxt = int(self.read_logits(seq, kv, len(passages), bias)[-1].argmax())
             if nxt in stop:
                 break
             out.append(nxt)
@@ -293,7 +317,7 @@ class TorchImpRAG:
         e_q = self.query_embedding([prompt])
         scores, ids = self.search(e_q, E, k, index_dtype)
         ids = [int(i) for i in ids[0]]
-        out = self.generate(prompt, [corpus[i] for i in ids], max_new_tokens)
+        out = self.generate(prompt, [corpus[i] for i in ids], max_new_tokens, scores=scores[0])
         return {"ids": ids, "scores": [float(s) for s in scores[0]], "output": out}
 
     # ------------------------------------------------------------------ text helpers
@@ -321,11 +345,12 @@ def compare(params, cfg, reader: TorchImpRAG, prompt_tokens, prompt_mask, corpus
             max_new_tokens: int = 8, stop_ids=(), pad_id: int = 0, log=None, n_examples: int = 3) -> Dict:
     """Run the JAX model (params, cfg) and the PyTorch reader on the same prompts ([Q, L] right-padded) and corpus
     ([N, l_max]); returns the parity numbers. JAX side: `query_embedding`, `passage_embedding`, and the deployed
-    two-stage pipeline `infer.imprag.answer` (bf16 index, exact search, cached greedy decoding)."""
+    two-stage pipeline `infer.imprag.answer` (bf16 index, exact search, cached greedy decoding), with the score bias
+    when imprag.json has score_bias (both sides read the same passages with their own retrieval scores)."""
     import jax
     import jax.numpy as jnp
 
-    from .infer.imprag import Retriever, answer
+    from .infer.imprag import Retriever, answer, score_bias
     from .model import passage_embedding, query_embedding
 
     torch = reader.torch
@@ -339,8 +364,11 @@ def compare(params, cfg, reader: TorchImpRAG, prompt_tokens, prompt_mask, corpus
                                          jnp.asarray(corpus_mask[i:i + 256])))
                            for i in range(0, len(corpus_tokens), 256)])
     retr = Retriever.build(jparams, cfg, corpus_tokens, corpus_mask)
-    outs_j, ids_j, _ = answer(jparams, cfg, retr, prompt_tokens, prompt_mask, k=k, max_new_tokens=max_new_tokens,
-                              stop_ids=stop_ids, pad_id=pad_id, search_k=k)
+    use_bias = bool(reader.meta.get("score_bias", False))
+    outs_j, ids_j, scores_j = answer(jparams, cfg, retr, prompt_tokens, prompt_mask, k=k,
+                                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, search_k=k,
+                                     use_score_bias=use_bias)
+    scores_j = np.asarray(scores_j, np.float32)
     t_jax = time.time() - t0
     log(f"[parity] JAX side: {len(eq_j)} prompts, {len(ep_j)} passages in {t_jax:.1f}s")
 
@@ -350,30 +378,34 @@ def compare(params, cfg, reader: TorchImpRAG, prompt_tokens, prompt_mask, corpus
     ep_t = reader.encode(corpus).numpy()
     E = torch.as_tensor(ep_t)
     _, ids_t32 = reader.search(torch.as_tensor(eq_t), E, k, "float32")
-    _, ids_t16 = reader.search(torch.as_tensor(eq_t), E, k, "bfloat16")
-    ids_t32, ids_t16 = ids_t32.numpy(), ids_t16.numpy()
+    sc_t16, ids_t16 = reader.search(torch.as_tensor(eq_t), E, k, "bfloat16")
+    ids_t32, ids_t16, sc_t16 = ids_t32.numpy(), ids_t16.numpy(), sc_t16.numpy()
     # JAX top-k over its own fp32 embeddings (the reference for the fp32 torch search)
     n_rank = min(10, len(corpus_tokens))
     rank_j = np.argsort(-(eq_j @ ep_j.T), axis=1, kind="stable")[:, :n_rank]
     _, rank_t = reader.search(torch.as_tensor(eq_t), torch.as_tensor(ep_t), n_rank, "float32")
     rank_t = rank_t.numpy()
     ids_j32 = rank_j[:, :k]
-    outs_t = [reader.generate(p, [corpus[int(i)] for i in ids_j[q, :k]], max_new_tokens, stop_ids)
-              for q, p in enumerate(prompts)]
-    # the full torch pipeline: its own retrieval (bf16 index like JAX's), its own reading
-    outs_tp = [reader.generate(p, [corpus[int(i)] for i in ids_t16[q]], max_new_tokens, stop_ids)
-               for q, p in enumerate(prompts)]
+    outs_t = [reader.generate(p, [corpus[int(i)] for i in ids_j[q, :k]], max_new_tokens, stop_ids,
+                              scores=scores_j[q, :k]) for q, p in enumerate(prompts)]
+    # the full torch pipeline: its own retrieval (bf16 index like JAX's) and scores, its own reading
+    outs_tp = [reader.generate(p, [corpus[int(i)] for i in ids_t16[q]], max_new_tokens, stop_ids,
+                               scores=sc_t16[q]) for q, p in enumerate(prompts)]
     # the reading itself: logits over every prompt position with the same k passages on both sides
     from .model import read
 
     sel = np.asarray(ids_j)[:, :k]
     pas, pasm = np.asarray(corpus_tokens)[np.maximum(sel, 0)], np.asarray(corpus_mask)[np.maximum(sel, 0)]
-    lj = np.asarray(jax.jit(lambda p, *a: read(p, cfg, *a).logits)(
-        jparams, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), jnp.asarray(pas), jnp.asarray(pasm)))
+    bias_j = None
+    if use_bias:  # the JAX pipeline's scores of those passages, as its reading adds them
+        bias_j = score_bias(jnp.asarray(scores_j[:, :k]), jnp.asarray(pasm.sum(-1) > 0), pas.shape[-1])
+    lj = np.asarray(jax.jit(lambda p, t, m, pt, pm, b: read(p, cfg, t, m, pt, pm, prefix_bias=b).logits)(
+        jparams, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), jnp.asarray(pas), jnp.asarray(pasm), bias_j))
     dlog, lscale = 0.0, 0.0
     for q, p in enumerate(prompts):
-        kv = reader.passage_kv([corpus[int(i)] for i in sel[q]])
-        lt = reader.read_logits(p, kv, k).numpy()
+        psg = [corpus[int(i)] for i in sel[q]]
+        kv = reader.passage_kv(psg)
+        lt = reader.read_logits(p, kv, k, reader._bias_for(scores_j[q, :k], psg)).numpy()
         ref = lj[q][np.asarray(prompt_mask[q]) > 0]
         dlog, lscale = max(dlog, float(np.abs(lt - ref).max())), max(lscale, float(np.abs(ref).max()))
     t_torch = time.time() - t0
@@ -390,6 +422,9 @@ def compare(params, cfg, reader: TorchImpRAG, prompt_tokens, prompt_mask, corpus
         "max_abs_dE_p": float(np.max(np.abs(ep_t - ep_j))), "E_p_scale": scale(ep_j),
         "max_abs_dscore": float(np.max(np.abs(eq_t @ ep_t.T - eq_j @ ep_j.T))),
         "score_scale": scale(eq_j @ ep_j.T),
+        "score_multiplier": float(reader.meta.get("score_multiplier", 1.0)), "score_bias": use_bias,
+        # the scores of the k passages read, torch bf16 search vs the JAX pipeline (same order checked below)
+        "max_abs_dscore_pipeline": float(np.max(np.abs(sc_t16 - scores_j[:, :sc_t16.shape[1]]))),
         "topk_fp32_same_set": float(np.mean(same_set)),
         "topk_fp32_same_order": float(np.mean([list(a) == list(b) for a, b in zip(ids_t32, ids_j32)])),
         "max_abs_dlogits": dlog, "logit_scale": lscale,

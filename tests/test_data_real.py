@@ -617,7 +617,7 @@ def test_prepare_kilt_files(tmp_path):
     assert stats["bm25"]["recall"]["trex.dev"]["provenance"][1] == 1.0
     bad = _write(tmp_path / "bad-dev.jsonl", [json.dumps({"id": "b", "input": "q", "output": [
         {"answer": "x", "provenance": [{"wikipedia_id": "99", "title": "Nope"}]}]})])
-    with pytest.raises(DataError, match="unknown wikipedia_id '99'"):
+    with pytest.raises(DataError, match="wikipedia_id '99' is not a page of the knowledge source"):
         prepare_kilt({"nq": bad}, ks, str(tmp_path / "o2"), show_progress=False)
     with pytest.raises(DataError, match="--kilt_task_type"):
         prepare_kilt({"mystery": qa}, ks, str(tmp_path / "o3"), show_progress=False)
@@ -642,5 +642,5 @@ def test_prepare_kilt_passage_knowledge_with_chunking(tmp_path):
     assert ex.passage_ids == ["p1#0"]  # a split passage's provenance names the chunk holding the answer
     bad = _write(tmp_path / "bad-dev.jsonl", [json.dumps({"id": "q", "input": "x", "output": [
         {"answer": "y", "provenance": [{"passage_id": "p9"}]}]})])
-    with pytest.raises(DataError, match="unknown passage 'p9'"):
+    with pytest.raises(DataError, match="passage_id 'p9' is not a passage of the knowledge source"):
         prepare_kilt({"nq": bad}, ks, str(tmp_path / "o2"), show_progress=False)

@@ -204,6 +204,55 @@ def test_torch_reader_matches_jax_on_random_tiny(tmp_path, tie, rope, attn):
     assert isinstance(kv[0][0], torch.Tensor) and kv[0][0].shape[1] == sum(map(len, psg))
 
 
+def test_torch_reader_matches_jax_with_score_scale_and_score_bias(tmp_path):
+    """imprag.json carries the score scale and the score bias, and the reader applies both: the same retrieval
+    scores (sqrt_dim multiplier on E_q) and the same reading logits and answers with log_softmax(scores) on the
+    passages' attention logits."""
+    from imprag_jax.convert.export import build_meta, export_model
+    from imprag_jax.torch_reader import compare
+
+    cfg = _tiny(tie_embeddings=True, score_scale="sqrt_dim")
+    p = _params(cfg, seed=3)
+    meta = build_meta(cfg, None, k=3, l_max=12, L_q=20, L_r=4, score_bias=True)
+    meta["stop_ids"] = [2]
+    out = str(tmp_path / "x")
+    export_model(p, cfg, None, out, meta)
+    saved = json.load(open(os.path.join(out, "imprag.json")))
+    assert saved["score_scale"] == "sqrt_dim" and saved["score_bias"] is True
+    assert saved["score_multiplier"] == pytest.approx(1 / np.sqrt(cfg.head_dim))
+    r = _reader(out)
+    rng = np.random.default_rng(1)
+    ct, cm = _random_rows(rng, 24, 12)
+    pt, pm = _random_rows(rng, 6, 20, min_len=4)
+    rep = compare(p, cfg, r, pt, pm, ct, cm, k=3, max_new_tokens=5, stop_ids=(2,), pad_id=0)
+    assert rep["score_bias"] is True and rep["score_multiplier"] == pytest.approx(1 / np.sqrt(cfg.head_dim))
+    assert rep["max_abs_dscore"] < 1e-5 * max(1.0, rep["score_scale"])
+    # bf16 index on both sides: an E_q element 1e-6 apart may round to the neighbouring bf16 value
+    assert rep["max_abs_dscore_pipeline"] < 1e-3 * max(1.0, rep["score_scale"])
+    assert rep["topk_fp32_same_order"] == 1.0 and rep["topk_bf16_vs_jax_pipeline_same_order"] == 1.0
+    assert rep["max_abs_dlogits"] < 1e-4 * max(1.0, rep["logit_scale"])
+    assert rep["answers_same_passages"] == 1.0 and rep["answers_full_pipeline"] == 1.0
+
+    # the bias matters (so a reader ignoring it would fail above): the logits move with it, and are those of the
+    # JAX reading with the same bias
+    import jax.numpy as jnp
+
+    from imprag_jax.infer.imprag import score_bias
+    from imprag_jax.model import read
+
+    seq = [int(x) for x in pt[0][pm[0] > 0]]
+    psg = [[int(x) for x in ct[i][cm[i] > 0]] for i in range(3)]
+    scores = np.array([3.0, 0.5, -2.0], np.float32)
+    kv = r.passage_kv(psg)
+    with_bias = r.read_logits(seq, kv, 3, r.score_bias(scores, psg)).numpy()
+    assert np.abs(with_bias - r.read_logits(seq, kv, 3).numpy()).max() > 1e-3
+    jb = score_bias(jnp.asarray(scores[None]), jnp.asarray(cm[None, :3].sum(-1) > 0), 12)
+    lj = np.asarray(read(p, cfg, pt[:1], pm[:1], ct[None, :3], cm[None, :3], prefix_bias=jb).logits)[0][pm[0] > 0]
+    assert np.abs(with_bias - lj).max() < 1e-4 * np.abs(lj).max()
+    r.meta["score_bias"] = False  # a reader told there is no bias reads plainly
+    assert r._bias_for(scores, psg) is None
+
+
 # ---------------------------------------------------------------------------------------------------- a trained run
 
 

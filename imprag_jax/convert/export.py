@@ -5,8 +5,9 @@ The directory holds config.json, generation_config.json, model.safetensors (or s
 `max_shard_bytes`), the run's tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json: the
 synthetic world's word-level tokenizer, or the pretrained model's, e.g. SmolLM2's GGUF tokenizer rebuilt as a
 `tokenizers` BPE) and `imprag.json`, which says how the model retrieves and reads: the layer split b/t, k, l_max,
-last-token pooling, pre/post-RoPE embeddings, joint/independent passage attention, the prompt offset, the passage
-title format and end-of-passage token. `imprag_jax.torch_reader` runs ImpRAG from this directory with
+last-token pooling, pre/post-RoPE embeddings, the score scale (`score_scale`, `score_multiplier`) and the score bias
+of the reading (`score_bias`), joint/independent passage attention, the prompt offset, the passage title format and
+end-of-passage token. `imprag_jax.torch_reader` runs ImpRAG from this directory with
 transformers and gives the JAX model's retrieval and answers (docs/export.md has the measured parity).
 
 Embedding scale. The synthetic models multiply token embeddings by a constant (`embed_scale = sqrt(d)`), which HF
@@ -79,9 +80,11 @@ def passage_end_token(tokenizer) -> Tuple[str, int]:
 
 def build_meta(cfg: ModelConfig, tokenizer, *, k: int, l_max: int, L_q: int, L_r: int, add_bos: bool = True,
                title_format: Optional[str] = TITLE_FORMAT, k_train: Optional[int] = None,
-               source: Optional[dict] = None) -> dict:
+               source: Optional[dict] = None, score_bias: bool = False) -> dict:
     """The contents of imprag.json: everything a reader needs besides the Llama weights. `k` is the number of
-    passages read at inference (the run's first evaluation k), `k_train` the candidates per training example."""
+    passages read at inference (the run's first evaluation k), `k_train` the candidates per training example,
+    `score_bias` whether reading adds log_softmax of the retrieval scores to the passages' attention logits (the
+    run's eval.score_bias)."""
     eop_tok, eop_id = passage_end_token(tokenizer) if tokenizer is not None else (None, None)
     return {
         "imprag_version": META_VERSION,
@@ -102,6 +105,10 @@ def build_meta(cfg: ModelConfig, tokenizer, *, k: int, l_max: int, L_q: int, L_r
         "score": "dot product times score_multiplier (applied to E_q), no normalisation",
         "score_scale": cfg.score_scale,
         "score_multiplier": cfg.score_multiplier,
+        "score_bias": bool(score_bias),
+        "score_bias_rule": "when score_bias: in layers b..t every attention logit of the prompt onto a token of "
+                           "passage j (after the 1/sqrt(head_dim) scaling) gets + log_softmax_j(s(q, p_j)) over the "
+                           "k passages read, s the retrieval scores above (score_multiplier included)",
         "passage_attention": cfg.passage_attention,
         "passage_positions": "passage j of k at slot positions j*l_max + i in layers b..t",
         "prompt_offset": cfg.prompt_offset,

@@ -74,6 +74,8 @@ RECORDS_VERSION = 1
 BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage_mask", "passage_ids", "positives",
               "example_index")
 FREE_KEYS = ("free_tokens", "free_mask", "free_loss_mask", "free_index")
+OPTIONAL_KEYS = ("mined_exclude",)  # retrieval rows carry them when the config asks (BatchConfig.mined_exclude)
+TRUE_FALSE_ANSWERS = ("true", "false", "yes", "no")  # labels, not strings a passage "contains"
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -100,6 +102,10 @@ class BatchConfig:
     random_neg_fraction: float = 0.0     # each negative is a random corpus passage with this probability
     fill_random: bool = True             # fill slots a short negative pool leaves empty with random passages
     exclude_gold_from_negatives: bool = True
+    mined_exclude: int = 0               # >0: each retrieval row carries `mined_exclude [this many]`, the passage
+    #                                      rows negatives mined from the model's own index must not be (its gold,
+    #                                      then passages containing an answer string; -1 padded; the trainer sets
+    #                                      it for train.candidates index/mixed)
     cf: float = 0.0                      # share of synthetic training examples re-rendered counterfactually
     cf_negatives: bool = False           # also re-render the other candidates of a counterfactual example
     query_filler: float = 0.0            # share of retrieval rows given filler words before the answer marker
@@ -123,6 +129,8 @@ class BatchConfig:
             raise ValueError("cf, random_neg_fraction and query_filler are probabilities")
         if self.query_filler_max < 0:
             raise ValueError(f"query_filler_max must be >= 0, got {self.query_filler_max}")
+        if self.mined_exclude < 0:
+            raise ValueError(f"mined_exclude must be >= 0, got {self.mined_exclude}")
         lo, hi = self.neg_ranks
         if lo < 1 or hi < lo:
             raise ValueError(f"neg_ranks must satisfy 1 <= lo <= hi, got {self.neg_ranks}")
@@ -399,6 +407,8 @@ class TrainBatches:
         self.n_passages = len(self.passages)
         self._ptok = None  # corpus tokens, built on first use
         self._filler = None  # filler words of `data.query_filler`, built on first use
+        self._answer_index = None  # (normalized passage texts, word -> rows) for `mined_exclude`, built on first use
+        self._answer_rows_cache: dict = {}
         self.world = world
         if ((cfg.cf > 0 or cfg.query_filler > 0) and self.world is None
                 and os.path.exists(os.path.join(data_dir, "world.json"))):
@@ -562,7 +572,39 @@ class TrainBatches:
         positives = np.zeros((cfg.k,), np.int32)
         positives[:len(cands)] = [c in pos for c in cands]
         row.update(passages=toks, passage_mask=mask, passage_ids=ids, positives=positives)
+        if cfg.mined_exclude:
+            keep = list(dict.fromkeys(list(gold) + list(rec["gold"]) + self.answer_rows(
+                list(rec["answers"]) + ([answer] if cf else []))))
+            ex = np.full((cfg.mined_exclude,), -1, np.int32)
+            ex[:min(len(keep), cfg.mined_exclude)] = keep[:cfg.mined_exclude]
+            row["mined_exclude"] = ex
         return row
+
+    def answer_rows(self, answers) -> list:
+        """Rows of the passages whose "title text" contains one of `answers` (the whole-word, normalised match of
+        answer recall, `pseudo_labels.answer_in_text`), in row order; true/false labels match nothing."""
+        from imprag_jax.data.pseudo_labels import normalize_text
+
+        if self._answer_index is None:
+            norm = [normalize_text(f"{t} {x}") for _, t, x in self.passages]
+            words: dict = {}
+            for r, n in enumerate(norm):
+                for w in set(n.split()):
+                    words.setdefault(w, []).append(r)
+            self._answer_index = (norm, words)
+        norm, words = self._answer_index
+        out: set = set()
+        for a in answers:
+            na = normalize_text(a)
+            key = na.strip()
+            if not key or key in TRUE_FALSE_ANSWERS:
+                continue
+            if key not in self._answer_rows_cache:
+                posting = sorted((words.get(w, []) for w in key.split()), key=len)
+                cand = posting[0] if posting else []
+                self._answer_rows_cache[key] = [r for r in cand if na in norm[r]]
+            out.update(self._answer_rows_cache[key])
+        return sorted(out)
 
     def _with_filler(self, prompt: str, rng) -> str:
         """The prompt with 0..query_filler_max random instruction-like words (`filler_words`) inserted before its
@@ -669,7 +711,8 @@ def _stack(rows: list, free_rows: list, cfg: BatchConfig) -> dict:
     if not rows and not free_rows:
         raise ValueError("empty batch")
     out = {}
-    for keys, rs in ((BATCH_KEYS, rows), (FREE_KEYS, free_rows)):
+    for keys, rs in ((BATCH_KEYS + tuple(k for k in OPTIONAL_KEYS if rows and k in rows[0]), rows),
+                     (FREE_KEYS, free_rows)):
         for k in keys if rs else ():
             out[k] = np.stack([r[k] for r in rs]).astype(np.int32)
     return out
@@ -747,5 +790,15 @@ def eval_batches(data_dir: str, task: str, split: str = "dev", tokenizer=None, *
         yield out
 
 
+def gold_counts(data_dir: str, task: str, split: str = "dev", limit: Optional[int] = None) -> tuple:
+    """(examples, examples with a gold passage) among the first `limit` examples of a task split: gold is the
+    provenance that names a passage of passages.jsonl (what oracle reading and gold recall use)."""
+    prepare_records(data_dir, [task], [split])
+    src = _source(_record_path(data_dir, task, split))
+    n = len(src) if limit is None else min(limit, len(src))
+    return n, sum(1 for i in range(n) if json.loads(src[i])["gold"])
+
+
 __all__ = ["BatchConfig", "TrainBatches", "make_train_iterator", "eval_batches", "corpus_tokens", "prepare_records",
-           "load_tokenizer", "example_prompt", "available_tasks", "BATCH_KEYS", "FREE_KEYS", "RECORDS_VERSION"]
+           "load_tokenizer", "example_prompt", "available_tasks", "gold_counts", "BATCH_KEYS", "FREE_KEYS",
+           "OPTIONAL_KEYS", "RECORDS_VERSION"]

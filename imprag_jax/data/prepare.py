@@ -5,10 +5,16 @@ Mini-KILT from the original release files (``../shared/data`` relative to the re
     python -m imprag_jax.data.prepare --source ../shared/data --out DIR [--seed 0] [--l_max 100]
 
 Full-size KILT files, validated, copied and pseudo-labelled (the knowledge source may be passage JSONL
-``{"id", "title", "text"}`` or KILT's own one-page-per-line file)::
+``{"id", "title", "text"[, "wikipedia_id"]}`` or KILT's own one-page-per-line file)::
 
     python -m imprag_jax.data.prepare --kilt_knowledge kilt_knowledgesource.json \\
-        --kilt_task nq.dev=nq-dev-kilt.jsonl --kilt_task trex.dev=trex-dev-kilt.jsonl --out DIR
+        --kilt_task nq.dev=nq-dev-kilt.jsonl --kilt_task trex.dev=trex-dev-kilt.jsonl --out DIR \\
+        [--kilt_task_type mytask=slot_filling] [--allow_unresolved]
+
+A task whose name is not a KILT task needs ``--kilt_task_type NAME=TYPE`` (or ``meta.task_type`` in its
+examples). Provenance is resolved to passages by passage id, by page and paragraph range, or by page alone (every
+passage of the page is then gold); provenance the knowledge source lacks is an error unless
+``--allow_unresolved`` (then stats.json counts the examples left without a gold passage).
 
 Output in DIR::
 
@@ -30,7 +36,8 @@ Public API (besides the command line)
     ``(task, split)``, stats) -- no files written.
   * ``prepare_minikilt(source, out, seed=0, l_max=100, dev_frac=0.2, limit=None, bm25_k=50, query="prompt",
     show_progress=True) -> dict`` (the stats).
-  * ``prepare_kilt(tasks, knowledge, out, l_max=0, bm25_k=50, task_types=None, ...) -> dict``.
+  * ``prepare_kilt(tasks, knowledge, out, l_max=0, bm25_k=50, task_types=None, allow_unresolved=False, ...)
+    -> dict``; ``check_kilt_inputs(tasks, knowledge, task_types)`` -- the usage mistakes, before any work.
   * ``stats_markdown(stats) -> str`` -- the tables of ``docs/data.md``.
 """
 from __future__ import annotations
@@ -48,6 +55,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
+from imprag_jax.cli import first_line
 from imprag_jax.data.chunking import pack_sentences, split_sentences
 from imprag_jax.data.formats import (DataError, Example, Output, Passage, iter_examples, iter_jsonl,
                                      iter_passages, validate_examples, write_examples, write_passages)
@@ -595,25 +603,134 @@ def _name_split(name: str, path: str) -> tuple:
     return name, "dev"
 
 
+def check_kilt_inputs(tasks: dict, knowledge: str, task_types: Optional[dict] = None) -> dict:
+    """The user's mistakes in a KILT run, found before any file is read in full: a task or knowledge file that is
+    missing (or a folder), a ``task_types`` entry with an unknown type or naming no task, a task whose type cannot
+    be told (its name is not a KILT task, no ``task_types`` entry, and its first example has no
+    ``meta.task_type``). Raises `DataError` / `FileNotFoundError` (one line each); returns ``{name: type or None}``
+    (None: every example names its own ``meta.task_type``)."""
+    from imprag_jax.data.templates import TEMPLATES
+
+    task_types = dict(task_types or {})
+    for what, path in [("--kilt_knowledge", knowledge)] + [(f"--kilt_task {n}", p) for n, p in tasks.items()]:
+        if os.path.isdir(path):
+            raise DataError(f"{what}: {path} is a folder; give the JSONL file itself")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what}: no such file {path}")
+    names = set(tasks) | {_name_split(n, p)[0] for n, p in tasks.items()}
+    for name, tt in task_types.items():
+        if tt not in TEMPLATES:
+            raise DataError(f"--kilt_task_type {name}={tt}: unknown task type {tt!r}; known: "
+                            f"{', '.join(sorted(TEMPLATES))}")
+        if name not in names:
+            raise DataError(f"--kilt_task_type {name}={tt} names no --kilt_task (tasks: {', '.join(sorted(names))})")
+    out = OrderedDict()
+    for name, path in tasks.items():
+        t, _ = _name_split(name, path)
+        tt = task_types.get(name) or task_types.get(t) or task_type_for(t)
+        if tt is None:
+            first = next(iter_jsonl(path), (None, {}))[1]
+            meta = first.get("meta") if isinstance(first.get("meta"), dict) else {}
+            if not meta.get("task_type"):
+                raise DataError(f"{path}: cannot tell the task type of {t!r} (not a KILT task name, and its examples "
+                                f"carry no meta.task_type); pass --kilt_task_type {t}=TYPE, TYPE one of "
+                                f"{', '.join(sorted(TEMPLATES))}")
+        out[name] = tt
+    return out
+
+
+_PARAGRAPH_ID = re.compile(r"^(.*)_(\d+)$")
+
+
+class _Provenance:
+    """Resolves KILT provenance entries to passage ids of the (possibly chunked) knowledge source.
+
+    * ``passage_id``: that passage (a split passage: its chunks that hold an answer, all of them if none does);
+    * ``wikipedia_id`` with ``start_paragraph_id``/``end_paragraph_id``: the passages of those paragraphs (KILT
+      pages read one passage per paragraph, ids ``{wikipedia_id}_{i}``); a page whose passages carry no paragraph
+      number (passage JSONL with a ``wikipedia_id`` field) counts whole;
+    * ``wikipedia_id`` alone: every passage of that page is gold (KILT gives no finer evidence then).
+    `resolve` returns ``(passage ids, None)`` or ``([], why)`` when the knowledge source lacks them.
+    """
+
+    def __init__(self, passages: list, where: dict, originals: list):
+        self.by_id = {p.id: p for p in passages}
+        self.where = where  # split passage id -> [(chunk id, sentence ids)]
+        self.pages: dict = {}  # wikipedia_id -> passage ids (chunks), file order
+        self.paras: dict = {}  # wikipedia_id -> {paragraph index -> passage ids}
+        for orig_id, wid in originals:  # (original passage id, wikipedia_id or None), file order
+            if wid is None:
+                continue
+            ids = [q for q, _ in where[orig_id]] if orig_id in where else [orig_id]
+            self.pages.setdefault(wid, []).extend(ids)
+            m = _PARAGRAPH_ID.match(orig_id)
+            if m and m.group(1) == wid:
+                self.paras.setdefault(wid, {})[int(m.group(2))] = ids
+
+    def _answer_chunks(self, ids: list, answers: list) -> list:
+        if len(ids) < 2:
+            return list(ids)
+        return [q for q in ids if answer_in_text(answers, f"{self.by_id[q].title} {self.by_id[q].text}")] or list(ids)
+
+    def resolve(self, pr: dict, answers: list, notes: Counter, t: str) -> tuple:
+        pid, wid = pr.get("passage_id"), pr.get("wikipedia_id")
+        if pid is not None:
+            pid = str(pid)
+            if pid in self.where:
+                return self._answer_chunks([q for q, _ in self.where[pid]], answers), None
+            if pid in self.by_id:
+                return [pid], None
+            return [], f"passage_id {pid!r} is not a passage of the knowledge source"
+        wid = str(wid)
+        if wid not in self.pages:
+            if not self.pages:
+                return [], f"wikipedia_id {wid!r}: the knowledge source's passages carry no wikipedia_id"
+            return [], f"wikipedia_id {wid!r} is not a page of the knowledge source"
+        if "start_paragraph_id" in pr or "end_paragraph_id" in pr:
+            if wid in self.paras:
+                try:
+                    lo = int(pr.get("start_paragraph_id", pr.get("end_paragraph_id")))
+                    hi = int(pr.get("end_paragraph_id", lo))
+                except (TypeError, ValueError):
+                    return [], f"wikipedia_id {wid!r}: paragraph range {pr.get('start_paragraph_id')!r}-" \
+                               f"{pr.get('end_paragraph_id')!r} is not a pair of integers"
+                got = []
+                for i in range(lo, hi + 1):
+                    got += self._answer_chunks(self.paras[wid].get(i, []), answers)
+                if got:
+                    return got, None
+                return [], f"paragraphs {lo}-{hi} of page {wid!r} are no passages of the knowledge source"
+            notes[f"{t}:paragraph_range_read_as_whole_page"] += 1
+        else:
+            notes[f"{t}:page_level_provenance"] += 1
+        return list(self.pages[wid]), None
+
+
 def prepare_kilt(tasks: dict, knowledge: str, out: str, l_max: int = 0, bm25_k: int = 50,
                  task_types: Optional[dict] = None, query: str = "prompt", show_progress: bool = True,
-                 pseudo_labels: bool = True) -> dict:
+                 pseudo_labels: bool = True, allow_unresolved: bool = False) -> dict:
     """Validate, copy and pseudo-label KILT files. ``tasks`` is ``{"name[.split]": path}``.
 
     The knowledge source is passage JSONL or KILT pages (read one passage per paragraph); passages longer than
-    ``l_max`` words are split (``0`` = keep). Provenance is checked against it: ``passage_id`` entries must name
-    a passage, ``wikipedia_id`` entries a page (when the knowledge source carries page ids); KILT paragraph
-    ranges are also resolved to ``passage_id`` entries. ``meta.task_type``/``meta.fields`` are filled in from the
-    task name (or ``task_types``) and the KILT ``input``; FEVER labels SUPPORTS/REFUTES become True/False.
+    ``l_max`` words are split (``0`` = keep). Provenance is resolved to ``passage_id`` entries (`_Provenance`: by
+    passage id, by page and paragraph range, or by page alone -- then every passage of the page is gold); the
+    original page-level entries are kept beside them. Provenance the knowledge source lacks raises `DataError`
+    (the file, how many examples, one example) unless ``allow_unresolved``: then it is not gold, and stats.json
+    counts per split the examples left without a gold passage (``without_gold``; recall is reported over the
+    others). ``meta.task_type``/``meta.fields`` are filled in from the task name (or ``task_types``) and the KILT
+    ``input``; FEVER labels SUPPORTS/REFUTES become True/False.
     """
-    task_types = dict(task_types or {})
+    from imprag_jax.data.templates import TemplateError
+
+    types = check_kilt_inputs(tasks, knowledge, task_types)
     drops: Counter = Counter()
-    passages, where, counts = [], {}, Counter()
+    passages, where, counts, originals = [], {}, Counter(), []
     seen_ids: set = set()
     for p in iter_passages(knowledge):
         if p.id in seen_ids:
             raise DataError(f"{knowledge}: duplicate passage id {p.id!r}")
         seen_ids.add(p.id)
+        originals.append((p.id, p.wikipedia_id))
         if l_max <= 0 or len(p.text.split()) <= l_max:
             passages.append(Passage(p.id, p.title, " ".join(p.text.split()), p.wikipedia_id))
             counts["documents"] += 1
@@ -624,93 +741,125 @@ def prepare_kilt(tasks: dict, knowledge: str, out: str, l_max: int = 0, bm25_k: 
         for q, _ in ps:
             passages.append(Passage(q.id, q.title, q.text, p.wikipedia_id))
         where.update(w)  # only split passages: original id -> chunks
-    by_id = {p.id: p for p in passages}
-    page_ids = {p.wikipedia_id for p in passages if p.wikipedia_id is not None} or None
-    examples, meta_types = OrderedDict(), OrderedDict()
+    prov = _Provenance(passages, where, originals)
+    examples, meta_types, split_stats = OrderedDict(), OrderedDict(), OrderedDict()
     for name, path in tasks.items():
         t, s = _name_split(name, path)
-        tt = task_types.get(name) or task_types.get(t) or task_type_for(t)
-        xs = []
+        tt = types[name]
+        xs, unresolved, n_any, n_gold = [], [], 0, 0
         for ex in iter_examples(path, allow_no_answers=(s == "test")):
             mt = ex.meta.get("task_type") or tt
             if mt is None:
-                raise DataError(f"{path}: cannot tell the task type of {t!r}; pass --kilt_task_type {t}=TYPE")
+                raise DataError(f"{path}: example {ex.id!r} has no meta.task_type and the task type of {t!r} is "
+                                f"unknown; pass --kilt_task_type {t}=TYPE")
             ex.meta = dict(ex.meta, task_type=mt)
             if "fields" not in ex.meta:
-                ex.meta["fields"] = fields_from_input(mt, ex.input)
+                try:
+                    ex.meta["fields"] = fields_from_input(mt, ex.input)
+                except TemplateError as e:
+                    raise DataError(f"{path}: example {ex.id!r}: {first_line(e)} (task type {mt!r}; another type: "
+                                    f"--kilt_task_type {t}=TYPE)") from None
             if mt == "fact_verification":  # KILT FEVER labels -> the template's True/False
                 for o in ex.outputs:
                     if o.answer in FEVER_LABELS:
                         o.answer = FEVER_LABELS[o.answer]
                         drops[f"{t}:relabelled_answers"] += 1
             answers = ex.answers
-
-            def chunks_of(key):  # a split passage -> its chunks holding an answer (all of them if none does)
-                cs = [q for q, _ in where[key]]
-                return [q for q in cs if answer_in_text(answers, f"{by_id[q].title} {by_id[q].text}")] or cs
-
-            for o in ex.outputs:  # resolve KILT paragraph ranges / split passages to passage ids
-                extra = []
+            why_not = None
+            gold: set = set()
+            for o in ex.outputs:
+                keep, extra = [], []
                 for pr in o.provenance:
-                    pid, wid = pr.get("passage_id"), pr.get("wikipedia_id")
-                    if pid is not None and str(pid) in where:
-                        extra += chunks_of(str(pid))
-                    elif pid is None and wid is not None and "start_paragraph_id" in pr:
-                        lo = int(pr["start_paragraph_id"])
-                        hi = int(pr.get("end_paragraph_id", lo))
-                        for i in range(lo, hi + 1):
-                            key = f"{wid}_{i}"
-                            extra += chunks_of(key) if key in where else ([key] if key in by_id else [])
-                have = {str(pr.get("passage_id")) for pr in o.provenance}
-                keep = [pr for pr in o.provenance if pr.get("passage_id") is None or str(pr["passage_id"]) not in where]
-                o.provenance = keep + [{"passage_id": q, "title": by_id[q].title} for q in _distinct(extra)
+                    ids, why = prov.resolve(pr, answers, drops, t)
+                    if why is not None:
+                        why_not = why_not or why
+                        if pr.get("passage_id") is None:
+                            keep.append(pr)  # the page stays on record; it is not gold
+                        else:
+                            drops[f"{t}:unresolved_passage_ids_removed"] += 1
+                        continue
+                    gold.update(ids)
+                    if pr.get("passage_id") is None:  # a page (range): kept on record, its passages added
+                        keep.append(pr)
+                        extra += ids
+                    elif str(pr["passage_id"]) not in where:
+                        keep.append(pr)
+                    else:  # a split passage: its chunks instead
+                        extra += ids
+                have = {str(pr["passage_id"]) for pr in keep if pr.get("passage_id") is not None}
+                o.provenance = keep + [{"passage_id": q, "title": prov.by_id[q].title} for q in _distinct(extra)
                                        if q not in have]
+            n_any += bool(ex.provenance) or why_not is not None
+            n_gold += bool(gold)
+            if why_not is not None:
+                unresolved.append((ex.id, why_not))
             xs.append(ex)
-        n_checked = validate_examples(xs, passage_ids=by_id, wikipedia_ids=page_ids, source=path)
-        n_prov = sum(len(e.provenance) for e in xs)
-        drops[f"{t}:provenance_unchecked"] += n_prov - n_checked
+        if unresolved and not allow_unresolved:
+            eid, why = unresolved[0]
+            raise DataError(f"{path}: the provenance of {len(unresolved)} of {len(xs)} examples names passages the "
+                            f"knowledge source {knowledge} lacks (e.g. example {eid!r}: {why}); pass "
+                            "--allow_unresolved to keep them (that provenance is then not gold; stats.json counts "
+                            "the examples left without a gold passage)")
+        validate_examples(xs, passage_ids=prov.by_id, source=path)
         examples[(t, s)] = xs
-        meta_types[t] = tt
+        meta_types[t] = tt or (xs[0].meta.get("task_type") if xs else None)
+        split_stats[(t, s)] = {"examples": len(xs), "with_provenance": n_any, "with_gold": n_gold,
+                               "without_gold": len(xs) - n_gold, "unresolved": len(unresolved)}
     tstats = OrderedDict()
-    for (t, s), xs in examples.items():
-        d = tstats.setdefault(t, {"task_type": meta_types[t], "splits": {}})
-        d["splits"][s] = {"examples": len(xs), "with_provenance": sum(1 for e in xs if e.provenance)}
-    stats = OrderedDict(mode="kilt", l_max_words=l_max,
-                        passages=OrderedDict(total=len(passages), by_source={"kilt": len(passages)}),
+    for (t, s), d in split_stats.items():
+        tstats.setdefault(t, {"task_type": meta_types[t], "splits": {}})["splits"][s] = d
+    stats = OrderedDict(mode="kilt", l_max_words=l_max, allow_unresolved=bool(allow_unresolved),
+                        passages=OrderedDict(total=len(passages), by_source={"kilt": len(passages)},
+                                             pages=len(prov.pages)),
                         chunking=OrderedDict(sorted(counts.items())), tasks=tstats,
-                        notes=OrderedDict(sorted((k, v) for k, v in drops.items() if v)))
+                        notes=OrderedDict(sorted((k, v) for k, v in drops.items() if v)),
+                        # what the trainer reads by default (data.tasks unset): every task; its train split if any
+                        retrieval_tasks=list(tstats), eval_tasks=[t for t, d in tstats.items()
+                                                                  if any(s != "train" for s in d["splits"])],
+                        free_tasks=[], lm_tasks=[])
     return _write_all(out, passages, examples, stats, bm25_k, query, show_progress, pseudo_labels)
 
 
 # ------------------------------------------------------------------------------------------------- markdown
 def stats_markdown(stats: dict) -> str:
     """Markdown tables (dataset sizes; BM25 recall) from a ``stats.json`` dict."""
-    lines = ["| task | format | type | split | examples | with provenance | prompt words (mean / max) |",
-             "|---|---|---|---|---:|---:|---:|"]
+    gold_col = any("without_gold" in x for d in stats["tasks"].values() for x in d["splits"].values())
+    lines = ["| task | format | type | split | examples | with provenance | "
+             + ("without gold passage | " if gold_col else "") + "prompt words (mean / max) |",
+             "|---|---|---|---|---:|---:|" + ("---:|" if gold_col else "") + "---:|"]
     for t, d in stats["tasks"].items():
         for s, x in d["splits"].items():
             fmt = "seen" if d.get("seen_format") else ("unseen" if d.get("retrieval", True) else "no retrieval")
+            wg = f"{x.get('without_gold', 0):,} | " if gold_col else ""
             lines.append(f"| {t} | {fmt} | {d['task_type']} | {s} | {x['examples']:,} | {x['with_provenance']:,} | "
-                         f"{x.get('prompt_words_mean', '-')} / {x.get('prompt_words_max', '-')} |")
+                         f"{wg}{x.get('prompt_words_mean', '-')} / {x.get('prompt_words_max', '-')} |")
     p = stats["passages"]
     lines += ["", "| knowledge source | passages |", "|---|---:|"]
     lines += [f"| {k} | {v:,} |" for k, v in p["by_source"].items()]
     lines += [f"| **total (after removing {p.get('duplicates_removed', 0):,} duplicates)** | **{p['total']:,}** |"]
     if "bm25" in stats:
         ks = RECALL_KS
-        lines += ["", "| task.split | n | answer R@1 | R@5 | R@10 | gold-passage R@1 | R@5 | R@10 |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| task.split | n | answer R@1 | R@5 | R@10 | with gold | gold-passage R@1 | R@5 | R@10 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in stats["bm25"]["recall"].items():
             a = r["answer"] or {}
             pr = r["provenance"] or {}
             f = lambda d, k: f"{d[k] if k in d else d[str(k)]:.3f}" if d else "–"  # noqa: E731
-            lines.append(f"| {name} | {r['n']:,} | " + " | ".join(f(a, k) for k in ks) + " | "
+            wg = f"{r['n_provenance']:,} / {r['n']:,}" if "n_provenance" in r else "–"
+            lines.append(f"| {name} | {r['n']:,} | " + " | ".join(f(a, k) for k in ks) + f" | {wg} | "
                          + " | ".join(f(pr, k) for k in ks) + " |")
         for name, r in stats["bm25"]["recall"].items():
             pa = r.get("provenance_all") or {}
             if pa and stats["tasks"].get(name.split(".")[0], {}).get("multi_hop"):
                 lines.append(f"\n{name}: all gold passages in the top k: "
                              + ", ".join(f"R@{k} {f(pa, k)}" for k in ks))
+    short = [(f"{t}.{s}", x) for t, d in stats["tasks"].items() for s, x in d["splits"].items()
+             if x.get("without_gold")]
+    if short:
+        lines += ["", "examples without a gold passage (gold recall and oracle reading leave them out): "
+                  + ", ".join(f"{n} {x['without_gold']:,} of {x['examples']:,}"
+                              + (f" ({x['unresolved']:,} with provenance the knowledge source lacks)"
+                                 if x.get("unresolved") else "") for n, x in short)]
     return "\n".join(lines)
 
 
@@ -753,6 +902,10 @@ def main(argv=None) -> int:
     ap.add_argument("--kilt_task_type", action="append", metavar="NAME=TYPE",
                     help="template type for a KILT task whose name is not a known KILT task (repeatable)")
     ap.add_argument("--kilt_knowledge", metavar="PATH", help="knowledge source for --kilt_task files")
+    ap.add_argument("--allow_unresolved", action="store_true",
+                    help="keep KILT examples whose provenance names passages or pages the knowledge source lacks "
+                         "(that provenance is not gold; stats.json and the table count the examples left without "
+                         "a gold passage); without it they are an error")
     a = ap.parse_args(argv)
     t0 = time.time()
     kilt = bool(a.kilt_task or a.kilt_knowledge)
@@ -762,6 +915,8 @@ def main(argv=None) -> int:
         ap.error("--kilt_task and --kilt_knowledge go together")
     if not kilt and not a.source:
         ap.error("--source (or --kilt_task + --kilt_knowledge) is required")
+    if not kilt and (a.kilt_task_type or a.allow_unresolved):
+        ap.error("--kilt_task_type and --allow_unresolved go with --kilt_task/--kilt_knowledge")
     show = not a.no_progress and cli.stderr_is_terminal()  # no progress bars in a redirected log
     try:
         with cli.remove_if_unused(a.out):  # a failed run leaves no empty output folder behind
@@ -769,7 +924,8 @@ def main(argv=None) -> int:
                 stats = prepare_kilt(_kv(a.kilt_task, "--kilt_task"), a.kilt_knowledge, a.out,
                                      l_max=a.l_max if a.l_max is not None else 0, bm25_k=a.bm25_k,
                                      task_types=_kv(a.kilt_task_type, "--kilt_task_type"), query=a.query,
-                                     show_progress=show, pseudo_labels=not a.no_pseudo_labels)
+                                     show_progress=show, pseudo_labels=not a.no_pseudo_labels,
+                                     allow_unresolved=a.allow_unresolved)
             else:
                 stats = prepare_minikilt(a.source, a.out, seed=a.seed,
                                          l_max=a.l_max if a.l_max is not None else 100, dev_frac=a.dev_frac,
@@ -781,6 +937,9 @@ def main(argv=None) -> int:
             msg += "; fix or remove that line and run again"
         cli.fail(msg, prefix="prepare: error")
     except FileNotFoundError as e:  # a missing input file or --source folder
+        cli.fail(f"{cli.first_line(e)}; check the path (--source, --kilt_task NAME=PATH, --kilt_knowledge)",
+                 prefix="prepare: error")
+    except OSError as e:  # a folder where a file belongs, an unreadable file
         cli.fail(f"{cli.first_line(e)}; check the path (--source, --kilt_task NAME=PATH, --kilt_knowledge)",
                  prefix="prepare: error")
     print(stats_markdown(stats))

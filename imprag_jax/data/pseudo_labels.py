@@ -311,7 +311,8 @@ def recall_at_k(examples: Sequence[Example], rankings: Mapping, passages: Mappin
     * ``answer@k``: share of examples with an answer inside one of the top-k passages (title + text when
       ``include_title``) -- the paper's "retrieval recall". Off for fact verification (answers True/False);
       ``answer_recall`` forces it on/off.
-    * ``provenance@k``: share of examples (with provenance) that have a gold passage in the top k;
+    * ``provenance@k``: share of examples with a gold passage (provenance naming a passage, or a page, of
+      ``passages``; ``n_provenance`` of them) that have a gold passage in the top k;
       ``provenance_all@k`` needs all of them (multi-hop). Page-level when provenance has only
       ``wikipedia_id`` and passages carry one.
 
@@ -326,6 +327,13 @@ def recall_at_k(examples: Sequence[Example], rankings: Mapping, passages: Mappin
             p = passages[pid]
             norm_cache[pid] = normalize_text(f"{p.title} {p.text}" if include_title else p.text)
         return norm_cache[pid]
+
+    pages: list = []
+
+    def page_ids():
+        if not pages:
+            pages.append({p.wikipedia_id for p in passages.values() if p.wikipedia_id is not None})
+        return pages[0]
 
     hit_a = {k: 0 for k in ks}
     hit_p = {k: 0 for k in ks}
@@ -343,7 +351,10 @@ def recall_at_k(examples: Sequence[Example], rankings: Mapping, passages: Mappin
                           if answer_in_text(ex.answers, ntext(pid), _normalized=True)), None)
             for k in ks:
                 hit_a[k] += first is not None and first < k
-        gold_p, gold_w = set(ex.passage_ids), set(ex.wikipedia_ids)
+        # gold the passages can show: known passage ids, else known pages (an unknown id is no gold, so an example
+        # whose provenance the knowledge source lacks is left out of provenance recall instead of counting 0)
+        gold_p = {g for g in ex.passage_ids if g in passages}
+        gold_w = set() if gold_p else {w for w in ex.wikipedia_ids if w in page_ids()}
         if gold_p or gold_w:
             n_prov += 1
             for k in ks:

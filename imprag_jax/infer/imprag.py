@@ -252,7 +252,9 @@ def evaluate_modes(params, cfg: ModelConfig, data_dir: str, task: str, tokenizer
 
     mode: "imprag" (retrieve with the model's own E_q, read the top k), "closed_book" (no passages; ks ignored),
     "oracle" (the first k gold passages), "bm25" (the stored BM25 top k, e.g. the RA-IT baseline's reading).
-    Recall@1/5/10 is that of the model's retrieval (imprag) or of the stored BM25 ranking (bm25).
+    Recall@1/5/10 is that of the model's retrieval (imprag) or of the stored BM25 ranking (bm25); gold recall is
+    over the examples with a gold passage (`n_gold` of `n`), and so are oracle answers (`NoGoldError` when no
+    example has one).
     `progress(n)` is called after each batch with its number of examples; `predictions`, when a list, receives
     one dict per example and k.
     """
@@ -264,6 +266,12 @@ def evaluate_modes(params, cfg: ModelConfig, data_dir: str, task: str, tokenizer
         raise ValueError("mode 'imprag' needs a Retriever")
     ks = _ks_for(mode, ks)
     kmax = max(ks)
+    if mode == "oracle":
+        n_all, n_with = gold_counts(data_dir, task, split, limit)
+        if n_all and not n_with:
+            raise NoGoldError(f"mode 'oracle' reads the gold passages, but none of the {n_all} examples of "
+                              f"{task}.{split} has one (no provenance the knowledge source holds)")
+    n_total = n_gold = 0
     source = {"imprag": "none", "closed_book": "none", "oracle": "gold", "bm25": "pseudo"}[mode]
     k_fetch = max(kmax, max(RECALL_KS)) if mode == "bm25" else max(kmax, 1)
     stop = tokenizer.stop_ids
@@ -296,9 +304,13 @@ def evaluate_modes(params, cfg: ModelConfig, data_dir: str, task: str, tokenizer
             ans = batch["answers"][i]
             tf = is_true_false(task, ans)
             base = {}
+            gold = [int(g) for g in batch["gold_ids"][i] if int(g) >= 0]
+            n_total += 1
+            n_gold += bool(gold)
+            if mode == "oracle" and not gold:  # nothing to read: oracle answers are over the examples with gold
+                continue
             if ids is not None:
                 r = [int(x) for x in ids[i] if int(x) >= 0]
-                gold = [int(g) for g in batch["gold_ids"][i] if int(g) >= 0]
                 for kk in RECALL_KS:
                     if gold:
                         base[f"gold_recall@{kk}"] = M.gold_in_topk(r, gold, kk)
@@ -316,14 +328,34 @@ def evaluate_modes(params, cfg: ModelConfig, data_dir: str, task: str, tokenizer
                     predictions.append({"task": task, "mode": mode, "k": k, **row})
         if progress is not None:
             progress(len(valid))
-    return [_summary(rows[k], task, split, mode, k, keep_predictions) for k in ks]
+    with_gold = (n_total, n_gold) if mode in ("imprag", "bm25", "oracle") else None
+    return [_summary(rows[k], task, split, mode, k, keep_predictions, with_gold) for k in ks]
 
 
-def _summary(rows: List[Dict], task: str, split: str, mode: str, k: int, keep_predictions: int) -> Dict:
+class NoGoldError(ValueError):
+    """Oracle reading asked of a task split whose examples have no gold passage."""
+
+
+def gold_counts(data_dir: str, task: str, split: str, limit: Optional[int] = None):
+    """(examples, examples with a gold passage) of a task split (its first `limit`), from the record file."""
+    from ..data.pipeline import gold_counts as counts
+
+    return counts(data_dir, task, split, limit)
+
+
+def _summary(rows: List[Dict], task: str, split: str, mode: str, k: int, keep_predictions: int,
+             with_gold=None) -> Dict:
+    """One result row. with_gold = (examples, examples with a gold passage) for the modes whose numbers depend on
+    gold: `n` is then every example, `n_gold` those with gold, over which gold recall (every key present, None
+    when no example has gold) and oracle answers are averaged."""
     out: Dict = {"task": task, "split": split, "mode": mode, "k": k, "n": len(rows)}
     keys = [key for key in ("em", "f1", "accuracy") if any(key in r for r in rows)]
     keys += sorted({key for r in rows for key in r if "recall@" in key},
                    key=lambda s: (s.split("@")[0], int(s.split("@")[1])))
+    if with_gold is not None:
+        out["n"], out["n_gold"] = int(with_gold[0]), int(with_gold[1])
+        if mode != "oracle":
+            keys += [f"gold_recall@{kk}" for kk in RECALL_KS if f"gold_recall@{kk}" not in keys]
     for key in keys:
         vals = [r[key] for r in rows if key in r]
         out[key] = float(np.mean(vals)) if vals else None

@@ -68,12 +68,14 @@ def pool_rows(n_passages: int, gold: Sequence[Sequence[int]], pool: int, seed: i
 def _row(task, split, mode, pool_n, ranked, gold, answers, texts, valid) -> Dict:
     idx = [i for i in range(len(gold)) if valid[i]]
     with_gold = [i for i in idx if gold[i]]
-    row: Dict = {"task": task, "split": split, "mode": mode, "k": 0, "n": len(idx), "pool": int(pool_n),
+    row: Dict = {"task": task, "split": split, "mode": mode, "k": 0, "n": len(idx), "n_gold": len(with_gold),
+                 "pool": int(pool_n),
                  "chance_gold_recall@5": float(np.mean([min(1.0, 5.0 * len(gold[i]) / pool_n) for i in with_gold]))
                  if with_gold else None}
     for k in RECALL_KS:
-        if with_gold:
-            row[f"gold_recall@{k}"] = float(np.mean([M.gold_in_topk(list(ranked[i]), gold[i], k) for i in with_gold]))
+        # over the examples with a gold passage (n_gold of n); None, not 0, when there are none
+        row[f"gold_recall@{k}"] = float(np.mean([M.gold_in_topk(list(ranked[i]), gold[i], k) for i in with_gold])) \
+            if with_gold else None
         ans = [i for i in idx if answers[i] and M.true_false(answers[i][0]) is None]
         if ans and texts is not None:
             row[f"answer_recall@{k}"] = float(np.mean([M.answer_in_passages([texts[j] for j in ranked[i][:k]],

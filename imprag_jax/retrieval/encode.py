@@ -2,8 +2,8 @@
 
 `encode_corpus` runs only the bottom group of the model (`imprag_jax.model.passage_embedding`: layers 0..b-1 and
 layer b's key projection), jitted once for a fixed batch shape (the last batch is padded), the batch sharded over
-the mesh's batch axes ("data", "fsdp" when present, else every axis).  A tqdm bar shows progress and the
-passages/s figure is logged at the end (and returned through `stats=`).
+the mesh's batch axes ("data", "fsdp" when present, else every axis).  With `progress`, a tqdm bar shows it on a
+terminal (none in a redirected log); the passages/s figure is logged at the end (and returned through `stats=`).
 
 With `chunk_dir`, the embeddings of every `chunk_size` passages are written as `chunk_XXXXXX.npy` (fp32) as soon
 as they are done; a second call with the same inputs (same model fingerprint, step, corpus checksum and chunk
@@ -181,8 +181,10 @@ def encode_corpus(params, cfg, tokens, mask, *, batch_size: int = 64, mesh=None,
 
         from imprag_jax.cli import stderr_is_terminal
 
+        # none in a redirected log; leave=False: the bar goes when done (the trainer's own bar stays)
         bar = tqdm(total=N, initial=n_resumed, unit="passage", desc="encode_corpus", dynamic_ncols=True,
-                   disable=jax.process_index() != 0 or not stderr_is_terminal())  # none in a redirected log
+                   leave=False, mininterval=1.0,
+                   disable=jax.process_index() != 0 or not stderr_is_terminal())
     t0 = time.perf_counter()
     n_encoded = 0
     for c in range(n_chunks):

@@ -35,7 +35,7 @@ class ImpRAGSession:
 
         return passage_texts(self.data_dir)
 
-    def build_retriever(self, backend: Optional[str] = None, progress: bool = False):
+    def build_retriever(self, backend: Optional[str] = None, progress: bool = True):  # a bar on a terminal only
         from ..data.pipeline import corpus_tokens
         from ..infer.imprag import Retriever
 

@@ -28,14 +28,16 @@ from . import losses
 
 BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage_mask", "passage_ids", "positives")
 FREE_KEYS = ("free_tokens", "free_mask", "free_loss_mask")  # retrieval-free rows, when the batch has them
+# [B, X] passage rows mined negatives must not be (gold, answer-containing; -1 padded), when the batch has them
+MINED_KEYS = ("mined_exclude",)
 
 
 def step_keys(batch) -> tuple:
-    """The keys of `batch` the step reads (BATCH_KEYS, plus FREE_KEYS when the batch has retrieval-free rows)."""
+    """The keys of `batch` the step reads (BATCH_KEYS, plus FREE_KEYS / MINED_KEYS when the batch has them)."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"batch lacks {missing}")
-    return BATCH_KEYS + tuple(k for k in FREE_KEYS if k in batch)
+    return BATCH_KEYS + tuple(k for k in FREE_KEYS + MINED_KEYS if k in batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,17 +112,23 @@ def teacher_loglik(params, cfg: ModelConfig, sc: StepConfig, h_q, mask, tokens, 
 
 def mine_from_index(e_q, batch, index, sc: StepConfig):
     """Replace up to `sc.n_replace` negative candidates per example with the best-scoring passages of the model's
-    own index (E_q under stop_gradient; in-graph exact search) that are not already candidates."""
+    own index (E_q under stop_gradient; in-graph exact search) that are not already candidates and not one of the
+    row's `mined_exclude` passages (its gold passages and those containing an answer string, when the batch has
+    them: a passage that answers the question is no negative)."""
     from ..model.sharding import current
     from ..retrieval.search import search
 
     B, k = batch["passage_ids"].shape
-    m = min(sc.n_replace + k, sc.n_index)
+    excl = batch.get("mined_exclude")
+    X = 0 if excl is None else excl.shape[1]
+    m = min(sc.n_replace + k + X, sc.n_index)
     ctx = current()
     _, ids = search(index["emb"], jax.lax.stop_gradient(e_q), m, "exact", n_valid=sc.n_index,
                     mesh=ctx[0] if ctx is not None and ctx[0].size > 1 else None)
     own = batch["passage_ids"]
     dup = (ids[:, :, None] == own[:, None, :]).any(-1) | (ids < 0)
+    if excl is not None:
+        dup = dup | ((ids[:, :, None] == excl[:, None, :]) & (excl[:, None, :] >= 0)).any(-1)
     order = jnp.where(dup, -1e9, -jnp.arange(m, dtype=jnp.float32)[None])  # keep search order, drop duplicates
     _, sel = jax.lax.top_k(order, sc.n_replace)
     mined = jnp.take_along_axis(ids, sel, axis=1)

@@ -112,8 +112,11 @@ def train(c, workdir: str) -> Dict:
     os.makedirs(workdir, exist_ok=True)
     config_lib.step_config(c)  # the config's errors before any data is generated or prepared
     ddir = _data_dir(c, workdir)
+    _check_oracle(c, ddir)
     tokenizer, cfg, init_params = _model_and_tokenizer(c, ddir, workdir)
     bcfg = R.batch_config(c)
+    if c.train.candidates != "pseudo":  # mined negatives skip each row's gold and answer-containing passages
+        bcfg = dataclasses.replace(bcfg, mined_exclude=MINED_EXCLUDE)
     s = build(c, cfg, process_count=jax.process_count())
     log(f"[train] model: {cfg.num_layers} layers (b={cfg.b}, t={cfg.t}), d={cfg.hidden_size}, "
         f"{cfg.num_params() / 1e6:.2f}M params; mesh {dict(s.mesh.shape)} over {jax.device_count()} devices "
@@ -134,6 +137,29 @@ def train(c, workdir: str) -> Dict:
     writer.close()
     _sync_end()
     return result
+
+
+MINED_EXCLUDE = 64  # passages per row that mined negatives must not be (gold first, then answer-containing)
+
+
+def _check_oracle(c, ddir: str) -> None:
+    """Oracle reading in eval.modes / eval.dev_modes of a task whose examples have no gold passage: a config
+    error before training, not a failed evaluation after it."""
+    from ..data.pipeline import available_tasks
+    from ..infer.imprag import NoGoldError
+
+    E = c.eval
+    for tasks, modes, limit in ((E.tasks, E.modes, E.limit), (E.get("dev_tasks", ""), E.get("dev_modes", ""),
+                                                              E.get("dev_limit", 0))):
+        modes = R.parse_list(modes)
+        if "oracle" not in modes:
+            continue
+        have = available_tasks(ddir, E.split)
+        try:
+            evaluation.check_oracle(ddir, [t for t in R.parse_list(tasks) if t in have], modes, E.split,
+                                    int(limit) if limit else None)
+        except NoGoldError as e:
+            raise config_lib.ConfigError(f"eval: {e}") from None
 
 
 def _data_dir(c, workdir: str) -> str:
@@ -174,7 +200,8 @@ def _index_refresher(c, s: Setup, ddir: str, tokenizer, bcfg):
 
     ctoks, cmask = corpus_tokens(ddir, tokenizer, bcfg.l_max)
     refresher = IndexRefresher(T.refresh_every, cfg=s.cfg, tokens=ctoks, mask=cmask, batch_size=256, mesh=s.mesh,
-                               index_mesh=s.mesh, keep_tokens=True, progress=False)
+                               index_mesh=s.mesh, keep_tokens=True,
+                               progress=True)  # a bar on a terminal: the first index of a large corpus takes minutes
     n_neg_slots = bcfg.k - (bcfg.n_pos if bcfg.positives != "gold" else 1)
     n_rep = n_neg_slots if T.candidates == "index" else min(T.index_negatives, n_neg_slots)
     sc = dataclasses.replace(s.sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=len(ctoks))
@@ -242,7 +269,9 @@ class _DevEval:
         log(f"[dev] step {at}: " + "; ".join(
             f"{r['task']} {r['mode']} " + " ".join(f"{key} {r[key]:.3f}" for key in
                                                   ("em", "gold_recall@1", "gold_recall@5", "gold_recall@20")
-                                                  if r.get(key) is not None) for r in rows))
+                                                  if r.get(key) is not None)
+            + (f" (with gold {r['n_gold']}/{r['n']})" if r.get("n_gold") is not None and r["n_gold"] < r["n"]
+               else "") for r in rows))
         dt = time.time() - t0
         self.seconds += dt
         return dt
@@ -371,7 +400,7 @@ def _final_evaluation(c, cfg, params, ddir: str, tokenizer, result: Dict, writer
     t0 = time.time()
     rows = evaluation.evaluate(params, cfg, c, ddir, tokenizer, tasks=R.parse_list(c.eval.tasks),
                                limit=c.eval.limit, modes=R.parse_list(c.eval.modes), ks=R.eval_ks(c),
-                               ks_for=evaluation.training_ks, step=done)
+                               ks_for=evaluation.training_ks, step=done, progress=True)
     result["eval"] = rows
     result["eval_seconds"] = time.time() - t0
     writer.write(done, {f"eval/{r['task']}/{r['mode']}/k{r['k']}/{key}": v for r in rows for key, v in r.items()
