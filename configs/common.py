@@ -25,7 +25,7 @@ def base_config() -> mlc.ConfigDict:
         batch_size=32, free_batch_size=8, L_q=64, L_r=4, L_free=0, L_free_r=0, l_max=24, k=4,
         tasks="qa:1", free_tasks="format:1", positives="gold", n_pos=1, negatives="generator", n_neg=3,
         neg_ranks=(10, 50), random_neg_fraction=0.25, cf=1.0, cf_negatives=True, add_bos=True, prefetch=2,
-        query_filler=0.0, query_filler_max=24))  # query_filler: share of retrieval rows with filler words (pipeline)
+        query_filler=0.0, query_filler_max=24, query_filler_pool="unseen", query_filler_gen=True))  # query_filler: share of retrieval rows with filler words (pipeline)
     c.train = mlc.ConfigDict(dict(
         steps=4000, lr=2e-3, warmup_steps=150, end_lr_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.98,
         clip=1.0, accum=1,

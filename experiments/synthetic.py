@@ -68,6 +68,11 @@ ROWS = {
                      "b1_t3 (the default) with 0-24 filler words (never a word of an evaluated template) before "
                      "the answer marker of half the retrieval rows, so the name sits at varied distances from "
                      "the last token"),
+    "query_filler_all": ("", ["--config.data.query_filler=0.5", "--config.data.L_q=40",
+                              "--config.data.query_filler_pool=all", "--config.data.query_filler_gen=False"],
+                         "as query_filler, the filler drawn from every template word (the evaluated templates' "
+                         "instruction words too, never in their order) and the filled rows trained on the "
+                         "retrieval loss only (the reader sees only unfilled prompts)"),
     # beyond the paper: candidates from the model's own index (in the NCE stage and the KL stage)
     "distill_index": ("", T2 + ["--config.train.stages=both", "--config.train.candidates=mixed"],
                       "warmup_distill with up to 2 of each example's 3 negatives mined from the model's own index "

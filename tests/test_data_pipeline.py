@@ -312,3 +312,21 @@ def test_query_filler_moves_the_entity_away_from_the_last_token(wdir, tok):
         ans = _words(tok, plain["tokens"][i][plain["loss_mask"][i] == 1])
         assert ans == _words(tok, filled["tokens"][i][filled["loss_mask"][i] == 1])
     assert longer >= len(plain["tokens"]) // 2
+
+
+def test_query_filler_all_words_and_retrieval_only_rows(wdir, tok):
+    """query_filler_pool="all" adds the evaluated templates' words; query_filler_gen=False drops the generation
+    loss of exactly the filled rows (their prompts grew), the other rows keep it."""
+    world = S.World.load(wdir)
+    assert set(P.filler_words(world)) < set(P.filler_words(world, "all"))
+    assert {"Provide", "relation", "entity"} <= set(P.filler_words(world, "all"))
+    kw = dict(tasks={"qa": 1.0}, free_batch_size=0, positives="gold", negatives="generator", n_neg=3, cf=0.0, L_q=40)
+    plain = _it(wdir, tok, _cfg(**kw)).batch(1)
+    b = _it(wdir, tok, _cfg(query_filler=0.5, query_filler_pool="all", query_filler_gen=False, **kw)).batch(1)
+    grew = b["prompt_mask"].sum(1) > plain["prompt_mask"].sum(1)
+    assert 0 < grew.sum() < len(grew)
+    kept = b["loss_mask"].sum(1) > 0  # (a filled row may have drawn 0 words: then it did not grow)
+    assert np.all(b["loss_mask"][grew] == 0) and kept.any() and not (kept & grew).any()
+    assert np.array_equal(b["tokens"][kept], plain["tokens"][kept])
+    with pytest.raises(ValueError, match="query_filler_pool"):
+        _cfg(query_filler_pool="nope")

@@ -110,6 +110,8 @@ class BatchConfig:
     cf_negatives: bool = False           # also re-render the other candidates of a counterfactual example
     query_filler: float = 0.0            # share of retrieval rows given filler words before the answer marker
     query_filler_max: int = 24           # at most this many filler words (fewer when the prompt would not fit L_q)
+    query_filler_pool: str = "unseen"    # "unseen": no word of an evaluated template | "all": every template word
+    query_filler_gen: bool = True        # False: a filled row trains the retrieval loss only (no generation loss)
     add_bos: bool = True
     title_format: Optional[str] = TITLE_FORMAT
     seed: int = 0
@@ -127,6 +129,8 @@ class BatchConfig:
             raise ValueError(f"L_free={self.L_free} must leave >= 2 prompt tokens beside L_free_r={self.Lf_r}")
         if not 0.0 <= self.cf <= 1.0 or not 0.0 <= self.random_neg_fraction <= 1.0 or not 0.0 <= self.query_filler <= 1.0:
             raise ValueError("cf, random_neg_fraction and query_filler are probabilities")
+        if self.query_filler_pool not in ("unseen", "all"):
+            raise ValueError(f"query_filler_pool must be unseen|all, got {self.query_filler_pool!r}")
         if self.query_filler_max < 0:
             raise ValueError(f"query_filler_max must be >= 0, got {self.query_filler_max}")
         if self.mined_exclude < 0:
@@ -202,16 +206,17 @@ def example_prompt(obj: Mapping, task: Optional[str] = None) -> str:
 _EVAL_TYPES = ("qa", "slot_filling", "entity_linking", "fact_verification")
 
 
-def filler_words(world=None) -> list:
-    """Words for `BatchConfig.query_filler`: the instruction words of the retrieval-free templates (phrase
-    denoising, sentence generation, summarisation), plus, for the synthetic world, the words of its passage
-    templates and two-hop questions -- less every word of the evaluated task types' templates, so no evaluation
-    prompt's instruction is ever seen as filler. Sorted (deterministic)."""
+def filler_words(world=None, pool: str = "unseen") -> list:
+    """Words for `BatchConfig.query_filler`: the instruction words of the templates, plus, for the synthetic world,
+    the words of its passage templates and two-hop questions. pool "unseen": less every word of the evaluated task
+    types' templates, so no evaluation prompt's instruction word is ever seen as filler; "all": those words too
+    (as a bag: never in a template's order). Sorted (deterministic)."""
     def words(s):
         import re
 
         return set(re.findall(r"[^\W_]+", re.sub(r"\{\w+\}", " ", s)))
 
+    pool_kind = pool
     pool = set().union(*[words(v) for v in T.TEMPLATES.values()])
     if world is not None:
         from imprag_jax.data import synthetic as S
@@ -219,8 +224,8 @@ def filler_words(world=None) -> list:
         pool |= set().union(*[words(x) for x in S.BIO_TEMPLATES + S.ORG_TEMPLATES + S.CITY_TEMPLATES
                               + S.COUNTRY_TEMPLATES + S.LETTER_TEMPLATES + S.EVENT_TEMPLATES
                               + tuple(S.TWO_HOP_QUESTIONS.values())])
-    pool -= set().union(*[words(T.TEMPLATES[t]) for t in _EVAL_TYPES])
-    return sorted(pool)
+    words_of = set().union(*[words(T.TEMPLATES[t]) for t in _EVAL_TYPES])
+    return sorted(pool - words_of if pool_kind == "unseen" else pool | words_of)
 
 
 def _record_path(data_dir: str, task: str, split: str) -> str:
@@ -545,11 +550,14 @@ class TrainBatches:
         cands, pos = self._candidates(rec, gold, rng)
         if cf and not set(gold) <= set(cands):  # pseudo positives missed the counterfactual gold: keep it real
             cf, prompt, answer = None, rec["prompt"], (rec["answers"][0] if rec["answers"] else "")
-        if cfg.query_filler > 0 and rng.random() < cfg.query_filler:  # drawn after the candidates: they stay as without
+        filled = cfg.query_filler > 0 and rng.random() < cfg.query_filler  # drawn after the candidates
+        if filled:
             prompt = self._with_filler(prompt, rng)
         p_ids = self.enc.prompt(prompt, cfg.L_q, self.truncation)
         r_ids = self.enc.response(answer, cfg.L_r, self.response_truncation)
         row = self._tokens(p_ids, r_ids, rec["row"])
+        if filled and not cfg.query_filler_gen:  # the filled prompt trains E_q only
+            row["loss_mask"][:] = 0
         ptok, pmask = self._corpus()
         toks = np.full((cfg.k, cfg.l_max), self.enc.pad, np.int32)
         mask = np.zeros((cfg.k, cfg.l_max), np.int32)
@@ -612,7 +620,7 @@ class TrainBatches:
         sits at varied distances from the last token, whose query state must find it by content (prompts of
         unseen formats put ~20 instruction words after it)."""
         if self._filler is None:
-            self._filler = filler_words(self.world)
+            self._filler = filler_words(self.world, self.cfg.query_filler_pool)
         cut = prompt.rstrip().rfind("A:") if prompt.rstrip().endswith("A:") else len(prompt)
         head, tail = prompt[:cut].rstrip(), prompt[cut:].strip()
         n = int(rng.integers(0, self.cfg.query_filler_max + 1))

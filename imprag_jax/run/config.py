@@ -116,6 +116,8 @@ def batch_config(c):
                            neg_ranks=tuple(d.neg_ranks), random_neg_fraction=d.random_neg_fraction, cf=d.cf,
                            cf_negatives=d.cf_negatives, add_bos=d.add_bos,
                            query_filler=d.get("query_filler", 0.0), query_filler_max=d.get("query_filler_max", 24),
+                           query_filler_pool=d.get("query_filler_pool", "unseen"),
+                           query_filler_gen=d.get("query_filler_gen", True),
                            seed=c.seed)
     except ValueError as e:
         _fail(f"data config: {e}")
