@@ -4,6 +4,7 @@
   python -m imprag_jax.evaluate --workdir runs/synthetic --tasks qa,two_hop_qa --modes imprag,oracle,closed_book \
       --k 1,5 --limit 200 --checkpoint 4000
   python -m imprag_jax.evaluate --config configs/synthetic.py:ra_it --workdir runs/ra_it     # --config optional
+  python -m imprag_jax.evaluate --workdir runs/synthetic --kv_store runs/synthetic/kv    # passages' K/V stored
 
 The run's `config.json` supplies the model's data settings (L_q, l_max, data folder, tokenizer) and the defaults
 of every flag (its `eval` section); `--config` replaces it (and takes `--config.a.b=v` overrides). Modes:
@@ -42,6 +43,9 @@ flags.DEFINE_string("split", None, "Split (default: eval.split).")
 flags.DEFINE_integer("batch_size", None, "Prompts per batch (default: eval.batch_size).")
 flags.DEFINE_integer("max_new_tokens", None, "Greedy decoding length (default: eval.max_new_tokens).")
 flags.DEFINE_string("backend", None, "Index search: exact|binned|approx|scann (default: eval.backend).")
+flags.DEFINE_string("kv_store", None, "A passage K/V store folder (python -m imprag_jax.infer.kv_store build): "
+                    "mode imprag loads the retrieved passages' middle-group K/V from it (independent passage "
+                    "attention only).")
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
 flags.DEFINE_bool("predictions", False, "Also write every prediction to predictions.jsonl.")
 flags.DEFINE_bool("plot", True, "Write report.png (needs matplotlib; skipped with a note without it).")
@@ -63,7 +67,7 @@ def main(argv):
         rep = run(FLAGS.config, FLAGS.workdir, tasks=FLAGS.tasks, modes=FLAGS.modes, ks=FLAGS.k, limit=FLAGS.limit,
                   split=FLAGS.split, step=FLAGS.checkpoint, batch_size=FLAGS.batch_size,
                   max_new_tokens=FLAGS.max_new_tokens, backend=FLAGS.backend, out_dir=FLAGS.out,
-                  predictions=FLAGS.predictions, plot=FLAGS.plot)
+                  predictions=FLAGS.predictions, plot=FLAGS.plot, kv_store=FLAGS.kv_store)
     except (RunError, ConfigError) as e:
         cli.fail(str(e))
     out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")

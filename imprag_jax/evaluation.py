@@ -148,11 +148,12 @@ def training_ks(mode: str, ks: Sequence[int]) -> list:
 
 def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limit, step: int, split=None,
              batch_size=None, max_new_tokens=None, backend=None, corpus=None, ks_for: Optional[Callable] = None,
-             timed: bool = False, bar=None, predictions=None, progress: bool = False):
+             timed: bool = False, bar=None, predictions=None, progress: bool = False, kv_store=None):
     """Result rows for every task x mode (x k) with parameters `params` (config `c` gives the data settings and
-    the eval defaults). `ks`: the passages read, for every mode, or per mode as `ks_for(mode, ks)` says
-    (`training_ks`); `progress`: a bar while the corpus is encoded (on a terminal). Retrieval-only rows come
-    first, then one row per task, mode and k; with `timed`, each row
+    the eval defaults). `kv_store`: an opened `infer.kv_store.KVStore` (checked against `params`): imprag
+    retrieves over its E_p and loads the passages' K/V from it. `ks`: the passages read, for every mode, or per
+    mode as `ks_for(mode, ks)` says (`training_ks`); `progress`: a bar while the corpus is encoded (on a
+    terminal). Retrieval-only rows come first, then one row per task, mode and k; with `timed`, each row
     has the seconds its pass took (the rows are otherwise a function of the parameters and the config). `corpus`: the tokenized passages when the caller has them; `bar`: a tqdm bar to advance."""
     from .data.pipeline import corpus_tokens
     from .infer.imprag import Retriever, evaluate_modes, passage_texts
@@ -189,8 +190,17 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
 
             pool_sel = pool_rows(len(toks), eval_gold(data_dir, tasks, tokenizer, split=split, limit=limit, L_q=L_q,
                                                       add_bos=add_bos), pool, seed)
-        retriever = Retriever.build(params, cfg, toks, mask, passage_texts(data_dir), step=step,
-                                    backend=backend or E.backend, rows=pool_sel, progress=progress)
+        if kv_store is not None:
+            from .infer.kv_store import KVStoreError
+
+            try:
+                retriever = Retriever.from_kv_store(kv_store, toks, mask, passage_texts(data_dir), step=step,
+                                                    backend=backend or E.backend, rows=pool_sel)
+            except KVStoreError as e:  # a store of another corpus (passage count, l_max)
+                raise R.RunError(str(e)) from None
+        else:
+            retriever = Retriever.build(params, cfg, toks, mask, passage_texts(data_dir), step=step,
+                                        backend=backend or E.backend, rows=pool_sel, progress=progress)
     for task in tasks:
         for mode in [m for m in modes if m not in RECALL_MODES]:  # every k of a mode in one pass over the data
             if bar is not None:
@@ -208,8 +218,10 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
 
 
 def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=None, step=None, batch_size=None,
-        max_new_tokens=None, backend=None, out_dir=None, predictions=False, plot=True, progress=True) -> dict:
-    """Evaluate the run in `workdir` (config `c`, or its config.json when None); write the report; return it."""
+        max_new_tokens=None, backend=None, out_dir=None, predictions=False, plot=True, progress=True,
+        kv_store: Optional[str] = None) -> dict:
+    """Evaluate the run in `workdir` (config `c`, or its config.json when None); write the report; return it.
+    kv_store: a passage K/V store folder (`python -m imprag_jax.infer.kv_store build`) to read passages from."""
     from tqdm import tqdm
 
     from .data.pipeline import available_tasks
@@ -252,6 +264,14 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     import jax
 
     params = jax.tree.map(jax.numpy.asarray, params)
+    store = None
+    if kv_store:
+        from .infer.kv_store import KVStoreError, open_store
+
+        try:
+            store = open_store(kv_store, params, cfg)
+        except KVStoreError as e:
+            raise R.RunError(str(e)) from None
     t0 = time.time()
     total = sum(count_examples(data_dir, t, split, limit) for t in tasks) * len(modes)
     bar = tqdm(total=total, desc="evaluate", unit="ex", dynamic_ncols=True, mininterval=1.0,
@@ -259,13 +279,14 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     preds = [] if predictions else None
     rows = evaluate(params, cfg, c, data_dir, tok, tasks=tasks, modes=modes, ks=ks, limit=limit, step=step,
                     split=split, batch_size=batch_size, max_new_tokens=max_new_tokens, backend=backend, timed=True,
-                    bar=bar, predictions=preds, progress=progress and cli.stderr_is_terminal())
+                    bar=bar, predictions=preds, progress=progress and cli.stderr_is_terminal(), kv_store=store)
     bar.close()
     max_new = int(max_new_tokens or E.max_new_tokens)
     report = {"workdir": os.path.abspath(workdir), "name": c.name, "step": step, "split": split, "limit": limit,
               "tasks": tasks, "modes": modes, "k": ks, "max_new_tokens": max_new,
               "model": {"num_layers": cfg.num_layers, "b": cfg.b, "t": cfg.t, "hidden_size": cfg.hidden_size},
               "backend": (backend or E.backend) if "imprag" in modes else None,
+              "kv_store": os.path.abspath(kv_store) if kv_store else None,
               "seconds": round(time.time() - t0, 2),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": rows}
     out_dir = out_dir or os.path.join(workdir, "eval")

@@ -68,17 +68,20 @@ def encode(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, pad_id
 
 
 def read_and_generate(params, cfg: ModelConfig, enc: Encoded, passages=None, passage_mask=None, *, stop_ids,
-                      scores=None, use_score_bias: bool = False) -> List[List[int]]:
-    """Stage 2 for given passages [B, k, l_max] (None or k = 0: closed book) -> generated ids per prompt."""
-    pkv = bias = None
+                      scores=None, use_score_bias: bool = False, pkv: Optional[PassageKV] = None) -> List[List[int]]:
+    """Stage 2 for given passages [B, k, l_max] (None or k = 0: closed book) -> generated ids per prompt.
+    pkv: the passages' middle-group K/V when already at hand (a `kv_store.KVStore.load`); `passages` then only
+    gives the shapes and `passage_mask` the empty slots (for the score bias)."""
+    bias = None
     offset = 0
     if passages is not None and passages.shape[1] > 0:
         passages, passage_mask = jnp.asarray(passages), jnp.asarray(passage_mask)
-        pkv = read_passages(params, cfg, passages, passage_mask)
+        if pkv is None:
+            pkv = read_passages(params, cfg, passages, passage_mask)
         B, k, L = passages.shape
         offset = prompt_offset(cfg, k, L)
-        if use_score_bias and scores is not None:
-            bias = score_bias(jnp.asarray(scores, jnp.float32), passage_mask.sum(-1) > 0, L)
+        if use_score_bias and scores is not None:  # over each slot's columns (narrower for an H2O store's K/V)
+            bias = score_bias(jnp.asarray(scores, jnp.float32), passage_mask.sum(-1) > 0, pkv.mask.shape[1] // k)
     if enc.max_new_tokens < 1:
         return [[] for _ in range(enc.mask.shape[0])]
     out, _ = continue_and_decode(params, cfg, enc.h_b, enc.mask, enc.cache, stop_array(stop_ids), pkv, bias,
@@ -112,10 +115,12 @@ class Retriever:
 
     backend: "exact" | "binned" | "approx" (the device `imprag_jax.retrieval.search`) or "scann" (a host ScaNN
     searcher built from the same embeddings on first use; needs the optional `scann` package).
+    kv_store: an opened `kv_store.KVStore` of the same knowledge source: the retrieved passages' middle-group K/V
+    are then loaded from it instead of computed (`from_kv_store` also takes the index's E_p from it).
     """
 
     def __init__(self, index, tokens: np.ndarray, mask: np.ndarray, texts: Optional[Sequence[str]] = None,
-                 backend: str = "exact", rows: Optional[np.ndarray] = None):
+                 backend: str = "exact", rows: Optional[np.ndarray] = None, kv_store=None):
         from ..retrieval.search import BACKENDS
 
         if backend not in BACKENDS + ("scann",):
@@ -130,6 +135,24 @@ class Retriever:
         if self.rows is not None and (len(self.rows) != index.n or np.any(np.diff(self.rows) <= 0)):
             raise ValueError("rows must be the sorted knowledge-source rows of the index's passages")
         self._scann = None
+        self.kv_store = None
+        if kv_store is not None:
+            self.attach_kv_store(kv_store)
+
+    def attach_kv_store(self, store) -> "Retriever":
+        """Read the retrieved passages' K/V from `store` (built over the whole knowledge source)."""
+        from .kv_store import KVStoreError
+
+        n_source = len(self.tokens) if self.rows is None else None
+        if store.l_max != self.l_max:
+            raise KVStoreError(f"the passage K/V store has l_max {store.l_max}, the corpus {self.l_max}")
+        if n_source is not None and store.n != n_source:
+            raise KVStoreError(f"the passage K/V store holds {store.n} passages, the corpus {n_source}")
+        if self.rows is not None and len(self.rows) and self.rows[-1] >= store.n:
+            raise KVStoreError(f"the passage K/V store holds {store.n} passages, the pool reaches row "
+                               f"{int(self.rows[-1])}")
+        self.kv_store = store
+        return self
 
     @classmethod
     def build(cls, params, cfg: ModelConfig, tokens, mask, texts=None, *, step: int = 0, batch_size: int = 256,
@@ -144,6 +167,17 @@ class Retriever:
         index = encode_corpus(params, cfg, tokens, mask, batch_size=batch_size, mesh=mesh, step=step,
                               keep_tokens=False, progress=progress)
         return cls(index, tokens, mask, texts, backend, rows=rows)
+
+    @classmethod
+    def from_kv_store(cls, store, tokens, mask, texts=None, *, backend: str = "exact", step: int = 0, rows=None):
+        """The index from the store's E_p (no corpus encoding) and the store attached for reading."""
+        from ..retrieval.index import PassageIndex
+
+        emb = store.embeddings()
+        if rows is not None:
+            rows = np.asarray(rows, np.int64)
+            emb, tokens, mask = emb[rows], np.asarray(tokens)[rows], np.asarray(mask)[rows]
+        return cls(PassageIndex.create(emb, step=step), tokens, mask, texts, backend, rows=rows, kv_store=store)
 
     @classmethod
     def from_embeddings(cls, embeddings, tokens, mask, texts=None, *, backend: str = "exact", step: int = 0):
@@ -191,7 +225,8 @@ class Retriever:
 
 def answer(params, cfg: ModelConfig, retriever: Retriever, tokens, mask, *, k: int, max_new_tokens: int,
            stop_ids, pad_id: int, search_k: int = 10, use_score_bias: bool = False):
-    """Two-stage inference for a batch of right- or left-padded prompts [B, L].
+    """Two-stage inference for a batch of right- or left-padded prompts [B, L]. With a `retriever.kv_store` the
+    passages' K/V are loaded from the store instead of computed.
 
     Returns (outputs: generated ids per prompt, ids [B, max(k, search_k)], scores [B, max(k, search_k)]).
     """
@@ -206,8 +241,9 @@ def _read_top(params, cfg, enc, retriever, ids, scores, k, stop_ids, use_score_b
     if k == 0:
         return read_and_generate(params, cfg, enc, stop_ids=stop_ids)
     pt, pm = retriever.gather(ids[:, :k])
+    pkv = None if retriever.kv_store is None else retriever.kv_store.load(ids[:, :k], cfg)
     return read_and_generate(params, cfg, enc, pt, pm, stop_ids=stop_ids, scores=scores[:, :k],
-                             use_score_bias=use_score_bias)
+                             use_score_bias=use_score_bias, pkv=pkv)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
