@@ -111,7 +111,8 @@ class Retriever:
     """The corpus as the model reads it (host tokens) plus its embedding index.
 
     backend: "exact" | "binned" | "approx" (the device `imprag_jax.retrieval.search`) or "scann" (a host ScaNN
-    searcher built from the same embeddings on first use; needs the optional `scann` package).
+    searcher built from the same embeddings on first use by `scann_backend.build_searcher`, the builder training
+    with train.index_backend = "scann" uses too; needs the optional `scann` package).
     """
 
     def __init__(self, index, tokens: np.ndarray, mask: np.ndarray, texts: Optional[Sequence[str]] = None,
@@ -164,9 +165,9 @@ class Retriever:
         k = min(k, self.index.n)
         if self.backend == "scann":
             if self._scann is None:
-                from ..retrieval.scann_backend import ScannIndex
+                from ..retrieval.scann_backend import build_searcher
 
-                self._scann = ScannIndex.build(self.index, k=max(k, 10))
+                self._scann = build_searcher(self.index, k)
             scores, ids = self._scann.search(np.asarray(e_q, np.float32), k)
         else:
             scores, ids = _device_search(self.index, jnp.asarray(e_q), k, self.backend)
