@@ -32,6 +32,7 @@ def base_config() -> mlc.ConfigDict:
         lam=1.0, stages="both", warmup_share=0.3, tau_t=1.0, tau_r=1.0, nce_reduction="sum",
         score_bias=False, score_bias_grad=False, score_bias_ramp=500, teacher_chunks=1, teacher_len=0,
         candidates="pseudo", refresh_every=500, index_negatives=2,
+        index_backend="exact",  # search that mines index/mixed candidates: exact | binned | scann (host, pure_callback)
         retrieval_steps=0, log_grad_norms=True, init_from="",
         closed_book=False, time_budget_s=0.0, stop_at_step=0,
         log_every=50, ckpt_every=1000, keep=3, eval_every=0))

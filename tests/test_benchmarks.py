@@ -256,3 +256,18 @@ def test_causal_prototype_keeps_the_imprag_step_exact():
             got = jax.jit(lambda p: loss_fn(p, cfg.replace(attention_impl=impl), sc, stage, batch,
                                             jnp.float32(0))[0])(params)
             np.testing.assert_allclose(float(ref), float(got), rtol=1e-5)
+
+
+def test_mined_step_quick_schema(tmp_path):
+    pytest.importorskip("scann")
+    out = tmp_path / "mined_step.json"
+    _run([sys.executable, os.path.join(BENCH, "mined_step.py"), "--quick", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["schema"] == "imprag_jax.bench.mined_step/1" and res["quick"] is True
+    (c,) = res["corpora"]
+    assert c["n"] == 600 and c["m"] == 70
+    assert set(c["variants"]) == {"none", "exact", "binned", "scann"}
+    for v in c["variants"].values():
+        assert v["step_s"] > 0 and len(v["step_s_all"]) == 2
+    assert c["ratios_vs_exact"]["exact"] == 1.0 and set(c["search_s"]) == {"exact", "binned", "scann"}
+    assert c["recall@70_vs_exact"]["scann"] == 1.0  # brute force below 20k rows

@@ -114,7 +114,8 @@ class Retriever:
     """The corpus as the model reads it (host tokens) plus its embedding index.
 
     backend: "exact" | "binned" | "approx" (the device `imprag_jax.retrieval.search`) or "scann" (a host ScaNN
-    searcher built from the same embeddings on first use; needs the optional `scann` package).
+    searcher built from the same embeddings on first use by `scann_backend.build_searcher`, the builder training
+    with train.index_backend = "scann" uses too; needs the optional `scann` package).
     kv_store: an opened `kv_store.KVStore` of the same knowledge source: the retrieved passages' middle-group K/V
     are then loaded from it instead of computed (`from_kv_store` also takes the index's E_p from it).
     """
@@ -198,9 +199,9 @@ class Retriever:
         k = min(k, self.index.n)
         if self.backend == "scann":
             if self._scann is None:
-                from ..retrieval.scann_backend import ScannIndex
+                from ..retrieval.scann_backend import build_searcher
 
-                self._scann = ScannIndex.build(self.index, k=max(k, 10))
+                self._scann = build_searcher(self.index, k)
             scores, ids = self._scann.search(np.asarray(e_q, np.float32), k)
         else:
             scores, ids = _device_search(self.index, jnp.asarray(e_q), k, self.backend)

@@ -7,7 +7,10 @@
 
 The first call always encodes (there is no index yet) unless an `index` is handed in.  A refresh happens when
 `step - index.step >= every_n_steps` (so a resumed run keeps the schedule of the restored index).  With
-`save_dir`, each new index is saved to `save_dir/index_<step>` (the previous `keep` are kept).
+`save_dir`, each new index is saved to `save_dir/index_<step>` (the previous `keep` are kept).  With
+`scann_slot`, each new index also gets a host ScaNN searcher (`scann_backend.build_searcher`, from the same
+embeddings, at the same refresh), published in that slot for a compiled step's `slot_search_in_graph`; the
+newest is `refresher.scann`.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 class IndexRefresher:
     def __init__(self, every_n_steps: int, *, cfg, tokens, mask, batch_size: int = 64, mesh=None,
                  index: Optional[PassageIndex] = None, save_dir: Optional[str] = None, keep: int = 1,
-                 **encode_kwargs: Any):
+                 scann_slot: Optional[str] = None, **encode_kwargs: Any):
         """`encode_kwargs` go to `encode_corpus` (dtype, fingerprint, index_mesh, keep_tokens, progress, ...)."""
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
@@ -44,6 +47,11 @@ class IndexRefresher:
         self.keep = keep
         self.encode_kwargs = encode_kwargs
         self.history: list = []  # (step, seconds) of each refresh
+        self.scann_slot = scann_slot
+        self.scann = None  # the newest host ScaNN searcher (scann_slot only)
+        self.scann_history: list = []  # (step, seconds) of each ScaNN build
+        if index is not None and scann_slot is not None:
+            self._build_scann(index)
 
     @property
     def last_step(self) -> Optional[int]:
@@ -63,9 +71,19 @@ class IndexRefresher:
         self.index = index
         self.history.append((int(step), secs))
         log.info("index refreshed at step %d: %d passages in %.1fs", step, index.n, secs)
+        if self.scann_slot is not None:
+            self._build_scann(index)
         if self.save_dir is not None:
             self._save(index, int(step))
         return index
+
+    def _build_scann(self, index: PassageIndex) -> None:
+        from imprag_jax.retrieval.scann_backend import build_searcher, publish
+
+        t0 = time.perf_counter()
+        self.scann = build_searcher(index)
+        publish(self.scann_slot, self.scann)
+        self.scann_history.append((int(self.scann.step), time.perf_counter() - t0))
 
     def _save(self, index: PassageIndex, step: int) -> None:
         path = os.path.join(self.save_dir, f"index_{step:08d}")

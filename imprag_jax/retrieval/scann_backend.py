@@ -5,6 +5,18 @@
     scores, ids = idx.search_in_graph(E_q, 10)         # the same from inside jax.jit (jax.pure_callback)
     idx.serialize(dir); idx = ScannIndex.load(dir)
 
+    idx = build_searcher(passage_index, k)             # THE way the project builds one from a model's index:
+                                                       # evaluation/generate (backend "scann") and training
+    publish("train", idx)                              # a named host slot a compiled program calls back into:
+    scores, ids = slot_search_in_graph("train", E_q, k, step=index_step, mesh=mesh)   # inside jit
+
+Searchers change (the training index is refreshed every `train.refresh_every` steps) while a compiled step must
+not: the step's callback therefore names a slot, not a searcher, and looks the searcher up when it runs, by
+the device index's step (the last `SLOT_KEEP` searchers of a slot are kept, so a step dispatched before a
+refresh still finds the searcher of its own index).  Under a mesh the queries are gathered (replicated) before
+the callback, which then runs once, on the host of the first device, over the whole global batch; its [Q, k]
+results are broadcast back (docs/retrieval.md, "ScaNN inside the train step").
+
 Defaults (`default_params(N, D)`): below `BRUTE_FORCE_BELOW` (20k) rows, ScaNN's exact brute force (already
 ~5-10x numpy there: SIMD, threads).  Above, a k-means tree with ~sqrt(N) leaves of which 20% (at least 8) are
 searched, scored with anisotropic-hashing (AH) codes of 2 dimensions per block, and the best `reorder` (200)
@@ -18,10 +30,12 @@ passages -- sometimes missed the hubs' leaves on small trees.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
-from typing import Optional, Tuple
+import threading
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -32,6 +46,8 @@ BRUTE_FORCE_BELOW = 20_000
 LEAVES_FRACTION = 0.20
 MIN_LEAVES_TO_SEARCH = 8
 REORDER_MIN = 200
+DEFAULT_K = 10  # the searcher's default neighbour count (every search passes its own k)
+SLOT_KEEP = 2   # searchers kept per slot (by index step)
 
 
 def _pybind():
@@ -152,22 +168,10 @@ class ScannIndex:
 
     def search_in_graph(self, E_q, k: int):
         """`search` as a `jax.pure_callback`: usable inside `jax.jit` (and `vmap`), same outputs as the device
-        `search()`: (scores [..., k] float32, ids [..., k] int32).  The search runs on the host."""
-        import jax
-        import jax.numpy as jnp
-
-        if E_q.shape[-1] != self.d:
-            raise ValueError(f"query embedding dimension {E_q.shape[-1]} does not match the ScaNN index "
-                             f"dimension {self.d}")
-        lead = E_q.shape[:-1]
-        out = (jax.ShapeDtypeStruct(lead + (k,), jnp.float32), jax.ShapeDtypeStruct(lead + (k,), jnp.int32))
-
-        def host(q):
-            q = np.asarray(q, np.float32)
-            s, i = self.search(q.reshape(-1, self.d), k)
-            return s.reshape(q.shape[:-1] + (k,)), i.reshape(q.shape[:-1] + (k,))
-
-        return jax.pure_callback(host, out, E_q.astype(jnp.float32), vmap_method="expand_dims")
+        `search()`: (scores [..., k] float32, ids [..., k] int32).  The search runs on the host.  This searcher
+        is baked into the traced program; a program that must follow refreshed searchers uses
+        `slot_search_in_graph`."""
+        return _in_graph(lambda step: self, self.d, E_q, k)
 
     # ------------------------------------------------------------------------------------------- save / load
     def serialize(self, directory: str) -> None:
@@ -190,3 +194,88 @@ class ScannIndex:
 
     def __repr__(self):
         return f"ScannIndex(n={self.n}, d={self.d}, params={self.params}, step={self.step})"
+
+
+# --------------------------------------------------------------------------------- the project's one builder
+def build_searcher(index, k: int = DEFAULT_K, **params) -> ScannIndex:
+    """The ScaNN searcher over a model's passage index (a `PassageIndex`: its real rows as fp32, its
+    config_hash and step), with `default_params` for its size; `params` override them (`ScannIndex.build`).
+
+    Evaluation and generation (`infer.imprag.Retriever` with backend "scann") and training
+    (`retrieval.refresh.IndexRefresher(scann_slot=...)`, train.index_backend = "scann") both build their searcher
+    here, so a trained model is searched the same way during training and at evaluation."""
+    return ScannIndex.build(index, k=max(int(k), DEFAULT_K), **params)
+
+
+# ------------------------------------------------------------------------------- named slots for jit programs
+_SLOTS: Dict[str, "collections.OrderedDict[int, ScannIndex]"] = {}
+_LOCK = threading.Lock()
+
+
+def publish(slot: str, searcher: ScannIndex) -> None:
+    """Makes `searcher` the newest of `slot`, under its index step (the last SLOT_KEEP stay available)."""
+    with _LOCK:
+        d = _SLOTS.setdefault(slot, collections.OrderedDict())
+        d.pop(int(searcher.step), None)
+        d[int(searcher.step)] = searcher
+        while len(d) > SLOT_KEEP:
+            d.popitem(last=False)
+
+
+def published(slot: str, step: Optional[int] = None) -> ScannIndex:
+    """The searcher of `slot` built from the index of parameter step `step` (None or < 0: the newest)."""
+    with _LOCK:
+        d = _SLOTS.get(slot)
+        if not d:
+            raise LookupError(f"no ScaNN searcher published in slot {slot!r}")
+        if step is None or int(step) < 0:
+            return next(reversed(d.values()))
+        if int(step) not in d:
+            raise LookupError(f"slot {slot!r} has no ScaNN searcher for the index of step {int(step)} "
+                              f"(it holds steps {list(d)}): the host searcher and the device index are out of step")
+        return d[int(step)]
+
+
+def unpublish(slot: str) -> None:
+    with _LOCK:
+        _SLOTS.pop(slot, None)
+
+
+def slot_search_in_graph(slot: str, E_q, k: int, *, d: Optional[int] = None, step=None, mesh=None):
+    """Top-k ScaNN search of `E_q` [Q, D] from inside `jax.jit`: a `jax.pure_callback` that looks up the
+    searcher of `slot` when the program runs (so a compiled step follows index refreshes without recompiling).
+
+    step: the parameter step of the device index the program was handed (a traced int scalar), checked against
+      the searcher's: the callback searches the searcher built from that same index; None = the newest.
+    mesh: under a multi-device mesh the queries are first constrained to be replicated (an all-gather of the
+      [Q, D] queries: tiny), so the callback runs once, on the host of the first device, over every data shard's
+      queries, and its [Q, k] results are broadcast back to all devices.
+    Returns (scores [Q, k] float32, ids [Q, k] int32), best first; -inf / -1 past the end of a small index."""
+    if d is None:
+        d = published(slot).d
+    return _in_graph(lambda step_: published(slot, step_), d, E_q, k, step=step, mesh=mesh)
+
+
+def _in_graph(lookup, d: int, E_q, k: int, step=None, mesh=None):
+    import jax
+    import jax.numpy as jnp
+
+    if E_q.shape[-1] != d:
+        raise ValueError(f"query embedding dimension {E_q.shape[-1]} does not match the ScaNN index "
+                         f"dimension {d}")
+    lead = E_q.shape[:-1]
+    out = (jax.ShapeDtypeStruct(lead + (k,), jnp.float32), jax.ShapeDtypeStruct(lead + (k,), jnp.int32))
+    q = E_q.astype(jnp.float32)
+    if mesh is not None and mesh.size > 1:
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        q = jax.lax.with_sharding_constraint(q, NamedSharding(mesh, P()))
+    st = jnp.asarray(-1 if step is None else step, jnp.int32)
+
+    def host(q, st):
+        q = np.asarray(q, np.float32)
+        idx = lookup(int(np.asarray(st).reshape(-1)[0]))
+        s, i = idx.search(q.reshape(-1, d), k)
+        return s.reshape(q.shape[:-1] + (k,)), i.reshape(q.shape[:-1] + (k,))
+
+    return jax.pure_callback(host, out, q, st, vmap_method="expand_dims")

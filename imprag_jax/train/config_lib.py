@@ -8,8 +8,9 @@ from .step import StepConfig
 
 STAGES = ("both", "warmup", "distill", "none")
 CANDIDATES = ("pseudo", "index", "mixed")
+INDEX_BACKENDS = ("exact", "binned", "scann")  # train.index_backend: the search that mines index/mixed candidates
 
-__all__ = ["CANDIDATES", "ConfigError", "STAGES", "step_config"]
+__all__ = ["CANDIDATES", "ConfigError", "INDEX_BACKENDS", "STAGES", "step_config"]
 
 
 def _fail(msg):
@@ -22,6 +23,14 @@ def step_config(c) -> StepConfig:
         _fail(f"train.stages must be one of {STAGES}, got {t.stages!r}")
     if t.candidates not in CANDIDATES:
         _fail(f"train.candidates must be one of {CANDIDATES}, got {t.candidates!r}")
+    backend = t.get("index_backend", "exact")
+    if backend not in INDEX_BACKENDS:
+        _fail(f"train.index_backend must be one of {INDEX_BACKENDS}, got {backend!r}")
+    if backend == "scann" and t.candidates != "pseudo":
+        from ..retrieval.scann_backend import INSTALL_HINT, scann_available
+
+        if not scann_available():
+            _fail(f"train.index_backend='scann' needs the `scann` package: {INSTALL_HINT}")
     if not 0.0 <= t.warmup_share <= 1.0:
         _fail(f"train.warmup_share must be in [0, 1], got {t.warmup_share}")
     if t.tau_t <= 0 or t.tau_r <= 0:

@@ -72,7 +72,9 @@ def index_specs(n_pad: int, D: int, l_max: int, mesh, dtype=jnp.bfloat16):
     rows = NamedSharding(mesh, P(tuple(mesh.axis_names), None))
     return {"emb": jax.ShapeDtypeStruct((n_pad, D), dtype, sharding=rows),
             "tokens": jax.ShapeDtypeStruct((n_pad, l_max), jnp.int32, sharding=rows),
-            "mask": jax.ShapeDtypeStruct((n_pad, l_max), jnp.int32, sharding=rows)}
+            "mask": jax.ShapeDtypeStruct((n_pad, l_max), jnp.int32, sharding=rows),
+            # the parameter step that encoded the index (the ScaNN backend checks its host searcher against it)
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))}
 
 
 def compile_step(cfg: ModelConfig, sc: StepConfig, stage: str, tx, mesh, batch_shapes, rules=DEFAULT_RULES,

@@ -57,6 +57,9 @@ class StepConfig:
     candidates: str = "pseudo"  # "pseudo" | "index" | "mixed": negatives mined from the model's own index
     n_replace: int = 0  # negatives replaced by mined passages per example ("index": all of them)
     n_index: int = 0  # real rows of the device index (static)
+    index_backend: str = "exact"  # mining search: "exact" | "binned" (device, retrieval.search) | "scann" (host
+    #                               ScaNN through jax.pure_callback: the searcher published in scann_slot)
+    scann_slot: str = ""
     clip: float = 0.0  # the optimizer's global-norm clip (only for the "clipped" metric; 0 = none)
     teacher_len: int = 0  # >0: the teacher reads only the first teacher_len prompt+response tokens (rows that are
     #                       longer leave the KL); saves the B*k prompt copies' padding when retrieval rows are short
@@ -112,9 +115,14 @@ def teacher_loglik(params, cfg: ModelConfig, sc: StepConfig, h_q, mask, tokens, 
 
 def mine_from_index(e_q, batch, index, sc: StepConfig):
     """Replace up to `sc.n_replace` negative candidates per example with the best-scoring passages of the model's
-    own index (E_q under stop_gradient; in-graph exact search) that are not already candidates and not one of the
-    row's `mined_exclude` passages (its gold passages and those containing an answer string, when the batch has
-    them: a passage that answers the question is no negative)."""
+    own index (E_q under stop_gradient) that are not already candidates and not one of the row's
+    `mined_exclude` passages (its gold passages and those containing an answer string, when the batch has
+    them: a passage that answers the question is no negative).
+
+    The search is `sc.index_backend`: "exact" / "binned" in-graph over `index["emb"]` (sharded over the mesh),
+    or "scann": the host ScaNN searcher published in slot `sc.scann_slot` (built from the same embeddings at
+    the same refresh), called through `jax.pure_callback` with the queries of every data shard gathered;
+    `index["step"]` (when present) names the index the searcher must have been built from."""
     from ..model.sharding import current
     from ..retrieval.search import search
 
@@ -123,8 +131,14 @@ def mine_from_index(e_q, batch, index, sc: StepConfig):
     X = 0 if excl is None else excl.shape[1]
     m = min(sc.n_replace + k + X, sc.n_index)
     ctx = current()
-    _, ids = search(index["emb"], jax.lax.stop_gradient(e_q), m, "exact", n_valid=sc.n_index,
-                    mesh=ctx[0] if ctx is not None and ctx[0].size > 1 else None)
+    mesh = ctx[0] if ctx is not None and ctx[0].size > 1 else None
+    q = jax.lax.stop_gradient(e_q)
+    if sc.index_backend == "scann":
+        from ..retrieval.scann_backend import slot_search_in_graph
+
+        _, ids = slot_search_in_graph(sc.scann_slot, q, m, d=q.shape[-1], step=index.get("step"), mesh=mesh)
+    else:
+        _, ids = search(index["emb"], q, m, sc.index_backend, n_valid=sc.n_index, mesh=mesh)
     own = batch["passage_ids"]
     dup = (ids[:, :, None] == own[:, None, :]).any(-1) | (ids < 0)
     if excl is not None:
@@ -298,7 +312,8 @@ def _split_micro(x, accum):
 def train_step(state, batch, bias_scale, index=None, *, cfg: ModelConfig, sc: StepConfig, stage: str, tx):
     """state = {"params", "opt_state", "step"} -> (new state, metrics). Pure; jit it with `compile_step`.
 
-    index: optional {"emb" [N, D], "tokens" [N, l], "mask" [N, l]} (the device PassageIndex) for mined candidates.
+    index: optional {"emb" [N, D], "tokens" [N, l], "mask" [N, l], "step" []} (the device PassageIndex and the
+    parameter step that encoded it) for mined candidates.
     """
     params = state["params"]
     grad_fn = jax.value_and_grad(partial(loss_fn, cfg=cfg, sc=sc, stage=stage, index=index), has_aux=True)

@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from typing import Dict
 
 import jax
@@ -132,6 +133,10 @@ def train(c, workdir: str) -> Dict:
     writer = MetricWriter(workdir)
     result, state = _run_steps(c, s, steps, state, data, ckpt, refresher, index_abs, _DevEval(c, cfg, ddir, tokenizer),
                                writer)
+    if refresher is not None and refresher.scann_slot is not None:  # the run's host searchers go with it
+        from ..retrieval.scann_backend import unpublish
+
+        unpublish(refresher.scann_slot)
     if result["stopped_early"] is not True:  # an interrupted run has no final evaluation
         _final_evaluation(c, cfg, state["params"], ddir, tokenizer, result, writer, workdir)
     writer.close()
@@ -199,12 +204,17 @@ def _index_refresher(c, s: Setup, ddir: str, tokenizer, bcfg):
     from .state import index_specs
 
     ctoks, cmask = corpus_tokens(ddir, tokenizer, bcfg.l_max)
+    backend = T.get("index_backend", "exact")
+    # train.index_backend = "scann": every refresh also builds a host ScaNN searcher from the same embeddings and
+    # publishes it in a slot of this run, which the compiled step's pure_callback searches
+    slot = f"train:{uuid.uuid4().hex[:12]}" if backend == "scann" else None
     refresher = IndexRefresher(T.refresh_every, cfg=s.cfg, tokens=ctoks, mask=cmask, batch_size=256, mesh=s.mesh,
-                               index_mesh=s.mesh, keep_tokens=True,
+                               index_mesh=s.mesh, keep_tokens=True, scann_slot=slot,
                                progress=True)  # a bar on a terminal: the first index of a large corpus takes minutes
     n_neg_slots = bcfg.k - (bcfg.n_pos if bcfg.positives != "gold" else 1)
     n_rep = n_neg_slots if T.candidates == "index" else min(T.index_negatives, n_neg_slots)
-    sc = dataclasses.replace(s.sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=len(ctoks))
+    sc = dataclasses.replace(s.sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=len(ctoks),
+                             index_backend=backend, scann_slot=slot or "")
     index_abs = index_specs(padded_rows(len(ctoks), s.mesh), s.cfg.retrieval_dim, bcfg.l_max, s.mesh)
     return refresher, index_abs, dataclasses.replace(s, sc=sc)
 
@@ -323,7 +333,9 @@ def _run_steps(c, s: Setup, steps: _Steps, state, data, ckpt, refresher, index_a
                 if refresher.maybe_refresh(step, state["params"]) is not None:
                     ix = refresher.index
                     cur_index = {"emb": ix.embeddings.astype(index_abs["emb"].dtype),
-                                 "tokens": ix.tokens.astype(jnp.int32), "mask": ix.mask.astype(jnp.int32)}
+                                 "tokens": ix.tokens.astype(jnp.int32), "mask": ix.mask.astype(jnp.int32),
+                                 "step": jax.device_put(np.int32(int(jax.device_get(ix.step))),
+                                                         index_abs["step"].sharding)}
                 index_arrays = cur_index
             log_step = (step + 1) % T.log_every == 0 or step + 1 == T.steps
             probe = steps.probes.get(stage) if log_step else None
