@@ -146,6 +146,29 @@ def training_ks(mode: str, ks: Sequence[int]) -> list:
     return {"imprag": list(ks), "oracle": [1], "closed_book": [0]}.get(mode, [max(ks)])
 
 
+def multi_process() -> bool:
+    """Whether this is one of several processes (jax.distributed): the evaluation then builds its index on the
+    global mesh from each process's share of the corpus and evaluates every example identically on every
+    process (see docs/architecture.md, "Multi-host evaluation")."""
+    import jax
+
+    return jax.process_count() > 1
+
+
+def params_mesh(params):
+    """The mesh the parameters live on (the training mesh), else a 1-D mesh over every device."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from .retrieval.index import default_mesh
+
+    for x in jax.tree.leaves(params):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding):
+            return sh.mesh
+    return default_mesh()
+
+
 def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limit, step: int, split=None,
              batch_size=None, max_new_tokens=None, backend=None, corpus=None, ks_for: Optional[Callable] = None,
              timed: bool = False, bar=None, predictions=None, progress: bool = False, kv_store=None):
@@ -165,7 +188,8 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
     max_new_tokens = int(max_new_tokens or E.max_new_tokens)
     L_q, add_bos, pool, seed = R.eval_L_q(c), bool(c.data.add_bos), int(E.get("pool", 0)), int(c.seed)
     tasks = list(tasks)
-    if corpus is None and any(m in ("imprag",) + tuple(RECALL_MODES) for m in modes):
+    sharded = multi_process()  # the index on the global mesh, each process tokenizing and encoding its rows
+    if corpus is None and any(m in (() if sharded else ("imprag",)) + tuple(RECALL_MODES) for m in modes):
         corpus = corpus_tokens(data_dir, tokenizer, c.data.l_max)
     rows = []
     rec_modes = [m for m in modes if m in RECALL_MODES]
@@ -183,24 +207,35 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
             bar.update(sum(count_examples(data_dir, t, split, limit) for t in tasks) * len(rec_modes))
     retriever = None
     if "imprag" in modes:
-        toks, mask = corpus
+        texts = passage_texts(data_dir)
         pool_sel = None
         if pool > 0:  # the index holds a pool with every evaluated question's gold passage
             from .infer.recall import eval_gold, pool_rows
 
-            pool_sel = pool_rows(len(toks), eval_gold(data_dir, tasks, tokenizer, split=split, limit=limit, L_q=L_q,
-                                                      add_bos=add_bos), pool, seed)
+            pool_sel = pool_rows(len(texts), eval_gold(data_dir, tasks, tokenizer, split=split, limit=limit,
+                                                       L_q=L_q, add_bos=add_bos), pool, seed)
         if kv_store is not None:
             from .infer.kv_store import KVStoreError
 
+            if sharded:
+                raise R.RunError("reading from a passage K/V store is single-process: run the evaluation on one host")
+            toks, mask = corpus
             try:
-                retriever = Retriever.from_kv_store(kv_store, toks, mask, passage_texts(data_dir), step=step,
+                retriever = Retriever.from_kv_store(kv_store, toks, mask, texts, step=step,
                                                     backend=backend or E.backend, rows=pool_sel)
             except KVStoreError as e:  # a store of another corpus (passage count, l_max)
                 raise R.RunError(str(e)) from None
+        elif sharded:
+            def tokenize(rows):
+                return corpus_tokens(data_dir, tokenizer, c.data.l_max, rows=rows)
+
+            retriever = Retriever.build_sharded(params, cfg, len(texts), tokenize, texts, mesh=params_mesh(params),
+                                                l_max=int(c.data.l_max), step=step, backend=backend or E.backend,
+                                                rows=pool_sel)
         else:
-            retriever = Retriever.build(params, cfg, toks, mask, passage_texts(data_dir), step=step,
-                                        backend=backend or E.backend, rows=pool_sel, progress=progress)
+            toks, mask = corpus
+            retriever = Retriever.build(params, cfg, toks, mask, texts, step=step, backend=backend or E.backend,
+                                        rows=pool_sel, progress=progress)
     for task in tasks:
         for mode in [m for m in modes if m not in RECALL_MODES]:  # every k of a mode in one pass over the data
             if bar is not None:

@@ -1,17 +1,37 @@
 #!/usr/bin/env bash
 # Multi-node GPU training under Slurm: one process per node, each driving the node's GPUs; the coordinator is the
 # first host of the allocation. Run from the repository root on a shared filesystem (code, venv, WORKDIR).
+# Tested against stub scontrol/srun commands and, for the multi-process code path, with 2 local CPU processes
+# (tests/test_multiprocess.py); not run on a real cluster. Details: docs/scaling.md, "On a real pod, step by step".
 #
-#   WORKDIR=/shared/runs/llama3_8b sbatch --nodes=2 launch/gpu_slurm.sh configs/llama3_1_8b.py:gpu8 [--config.x=v ...]
-#
-# The config's mesh must cover every GPU of the job (gpu8 = one node of 8; for 2 nodes pass e.g.
-# --config.mesh.data=2); a mismatch stops the run with "did you start every host?".
+# 1. Install once on the shared filesystem (the README's command plus a CUDA JAX):
+#      python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[data]" "jax[cuda12]"
+#    (or INSTALL=1 below: pip install -e '.[data]' on every node before training)
+# 2. Data and pretrained weights on the shared filesystem: data.prepare --out /shared/data/kilt, the HF checkpoint
+#    directory at /shared/models/Llama-3.1-8B.
+# 3. Allocate and start (sbatch; or `bash` in its place inside `salloc --nodes=2 --ntasks-per-node=1 ...`):
+#      mkdir -p logs && WORKDIR=/shared/runs/llama3_8b sbatch --nodes=2 launch/gpu_slurm.sh configs/llama3_1_8b.py:gpu8 \
+#          --config.mesh.data=2 --config.model.init=/shared/models/Llama-3.1-8B \
+#          --config.data.kind=prepared --config.data.dir=/shared/data/kilt
+#    The config's mesh must cover every GPU of the job (gpu8 = one node of 8; for 2 nodes --config.mesh.data=2); a
+#    mismatch stops the run with "did you start every host?".
+# 4. Each node runs `python -m imprag_jax.train --distributed --config CONFIG --workdir WORKDIR [overrides]` with
+#    IMPRAG_COORDINATOR=<first node>:${COORD_PORT:-12355}, IMPRAG_NUM_PROCESSES=$SLURM_NTASKS and
+#    IMPRAG_PROCESS_ID=$SLURM_PROCID (read by imprag_jax/train/distributed.py). Logs: logs/slurm-<job>-task<rank>.log.
+# 5. Checkpoints: $WORKDIR/checkpoints/<step> (orbax, all nodes together); metrics.jsonl, tb/ and eval/ from process 0.
+#    SIGTERM 5 minutes before the time limit (--signal below) makes the trainer save and stop.
+# 6. Resume: submit the same line again with the same WORKDIR (e.g. sbatch --dependency=afterany:<job> ...).
+# 7. Evaluate: the end-of-training evaluation runs on every node (index sharded over the job's GPUs) and writes
+#    $WORKDIR/eval/final.json|md; to evaluate again, submit the same line on the finished WORKDIR with
+#    --config.eval.* overrides (no step left: restore + evaluation only), or run `python -m imprag_jax.evaluate
+#    --workdir $WORKDIR` on one node when the model fits there.
 #SBATCH --job-name=imprag_jax
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
 #SBATCH --output=logs/slurm-%j.out
+#SBATCH --signal=TERM@300
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
   echo "usage: WORKDIR=/shared/run sbatch [--nodes=N] $0 CONFIG[:arg] [--config.key=value ...]" >&2

@@ -1,11 +1,31 @@
 #!/usr/bin/env bash
 # Train on every host of a Cloud TPU VM slice (e.g. v5p-32 = 4 hosts x 4 chips): sync this checkout to all
 # workers, install it, and start the same `python -m imprag_jax.train` on each one (jax.distributed finds its peers).
+# Run from your workstation (gcloud configured). Tested against a stub gcloud and, for the multi-process code path,
+# with 2 local CPU processes (tests/test_multiprocess.py); not run on a real pod. Details: docs/scaling.md,
+# "On a real pod, step by step".
 #
-#   WORKDIR=/mnt/shared/runs/llama3_8b bash launch/tpu_pod.sh TPU_NAME ZONE configs/llama3_1_8b.py:v5p-32 [--config.x=v ...]
-#
-# WORKDIR must be the same shared directory on every host (NFS / Filestore / gcsfuse mount): orbax writes one
-# checkpoint from all hosts together. Logs: logs/<TPU_NAME>/worker<i>.log here, one per host.
+# 1. Create the slice: gcloud compute tpus tpu-vm create my-v5p-32 --zone=us-east5-a --accelerator-type=v5p-32 \
+#        --version=RUNTIME   (RUNTIME: gcloud compute tpus tpu-vm versions list --zone=us-east5-a)
+# 2. Mount one shared directory at the same path on every worker (Filestore/NFS, or a bucket via gcsfuse), e.g.
+#    /mnt/shared: WORKDIR must be there (orbax writes one checkpoint from all hosts together; no bare gs:// paths).
+# 3. Data and pretrained weights on it: data.prepare --out /mnt/shared/data/kilt, the HF checkpoint directory at
+#    /mnt/shared/models/Llama-3.1-8B (e.g. gsutil -m cp -r from a bucket).
+# 4. Start:
+#      WORKDIR=/mnt/shared/runs/llama3_8b bash launch/tpu_pod.sh my-v5p-32 us-east5-a configs/llama3_1_8b.py:v5p-32 \
+#          --config.model.init=/mnt/shared/models/Llama-3.1-8B --config.data.kind=prepared \
+#          --config.data.dir=/mnt/shared/data/kilt
+#    This copies the checkout to ~/imprag_jax on every worker, installs it (the README's pip install -e '.[data]'
+#    plus 'jax[tpu]'), and runs `python -m imprag_jax.train --distributed --config CONFIG --workdir WORKDIR
+#    [overrides]` on each worker: jax.distributed.initialize() reads the coordinator, the process count and each
+#    host's id from the TPU metadata (no IMPRAG_* variables needed). Logs: logs/<TPU_NAME>/worker<i>.log here.
+# 5. Checkpoints: $WORKDIR/checkpoints/<step>; metrics.jsonl, tb/ and eval/ are written by process 0.
+# 6. Resume: the same command with the same WORKDIR (SKIP_INSTALL=1 skips pip); after a preemption recreate the
+#    slice and remount first.
+# 7. Evaluate: the end-of-training evaluation runs on every host (index sharded over the slice) and writes
+#    $WORKDIR/eval/final.json|md; to evaluate again, rerun the command on the finished WORKDIR with --config.eval.*
+#    overrides (no step left: restore + evaluation only), or run `python -m imprag_jax.evaluate --workdir $WORKDIR`
+#    on one host when the model fits there.
 # Env: GCP_PROJECT, NUM_WORKERS (default: read from the TPU), SKIP_INSTALL=1, REMOTE_DIR (~/imprag_jax), LOG_DIR.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then

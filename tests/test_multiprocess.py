@@ -1,7 +1,10 @@
 """Multi-process training on one machine: 2 processes x 4 CPU devices over one global 8-device mesh give the
-losses of the single-process 8-device run, through an orbax save and a resumed run (train.stop_at_step)."""
+losses of the single-process 8-device run, through an orbax save and a resumed run (train.stop_at_step); the
+end-of-training evaluation of the same weights on 2 processes (index on the global mesh, each process encoding
+its rows) gives the single-process run's rows."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,15 +25,42 @@ maybe_initialize()  # IMPRAG_COORDINATOR / IMPRAG_NUM_PROCESSES / IMPRAG_PROCESS
 sys.path.insert(0, os.path.join(os.environ["IMPRAG_ROOT"], "configs"))
 import synthetic
 from imprag_jax.train.trainer import train
+import imprag_jax.evaluation as ev
 
-world_dir, workdir, stop_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def probe(params, cfg, c, data_dir, tokenizer, **kw):
+    # the final evaluation, then a direct check of the retriever it builds: random queries over the whole corpus
+    import numpy as np
+    from imprag_jax.data.pipeline import corpus_tokens
+    from imprag_jax.infer.imprag import Retriever, passage_texts
+
+    rows = ev_evaluate(params, cfg, c, data_dir, tokenizer, **kw)
+    texts = passage_texts(data_dir)
+    if ev.multi_process():
+        r = Retriever.build_sharded(params, cfg, len(texts), lambda ix: corpus_tokens(data_dir, tokenizer,
+                                    c.data.l_max, rows=ix), texts, mesh=ev.params_mesh(params), l_max=c.data.l_max)
+    else:
+        r = Retriever.build(params, cfg, *corpus_tokens(data_dir, tokenizer, c.data.l_max), texts)
+    e_q = np.random.default_rng(0).normal(size=(6, r.index.D)).astype(np.float32)
+    scores, ids = r.search(e_q, 10)
+    t, m = r.gather(np.concatenate([ids[:, :3], -np.ones((6, 1), ids.dtype)], axis=1))
+    with open(os.path.join(workdir, f"probe.p{jax.process_index()}.json"), "w") as f:
+        json.dump({"n": r.n, "ids": ids.tolist(), "scores": scores.tolist(), "tokens": t.tolist(),
+                   "mask": m.tolist()}, f)
+    return rows
+
+
+ev_evaluate, ev.evaluate = ev.evaluate, probe
+
+world_dir, workdir, stop_at, evaluate = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "eval"
 c = synthetic.get_config()
 c.data.dir = world_dir
 c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0))
 c.data.update(dict(batch_size=16, free_batch_size=8, prefetch=0))
 c.train.update(dict(steps=6, warmup_steps=2, log_every=1, ckpt_every=0, time_budget_s=0.0, lr=3e-3,
                     stages="warmup", stop_at_step=stop_at))  # one program: NCE over the global batch
-c.eval.update(dict(modes="", limit=16))
+c.eval.update(dict(modes="imprag,oracle" if evaluate else "", limit=16, tasks="qa,fact_verification", k="1,5",
+                   pool=60, batch_size=8, max_new_tokens=4))  # a pool: index rows map to knowledge-source rows
 res = train(c, workdir)
 print("RESULT", json.dumps({"process": jax.process_index(), "count": jax.process_count(),
                             "devices": jax.device_count(), "local": jax.local_device_count(),
@@ -55,7 +85,7 @@ def _env(local_devices: int, **extra):
     return env
 
 
-def _run(world_dir, workdir, stop_at, processes: int, timeout=300):
+def _run(world_dir, workdir, stop_at, processes: int, timeout=300, evaluate=False):
     """Run the child on `processes` processes sharing 8 devices; returns their RESULT dicts (process order).
     Output goes to files: a pipe that nobody reads while another process is waited for would fill up and
     block its writer in the middle of a collective."""
@@ -68,7 +98,8 @@ def _run(world_dir, workdir, stop_at, processes: int, timeout=300):
             extra = dict(IMPRAG_COORDINATOR=f"127.0.0.1:{port}", IMPRAG_NUM_PROCESSES=processes, IMPRAG_PROCESS_ID=i)
         log = open(f"{workdir}.p{i}.log", "w+")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, world_dir, workdir, str(stop_at)],
+        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, world_dir, workdir, str(stop_at),
+                                       "eval" if evaluate else "train"],
                                       env=_env(local, **extra), stdout=log, stderr=subprocess.STDOUT, text=True))
     deadline = time.time() + timeout
     try:
@@ -110,10 +141,23 @@ def world_dir(tmp_path_factory):
     return d
 
 
-def test_two_processes_match_one_process_through_a_checkpoint(world_dir, tmp_path):
+@pytest.fixture(scope="module")
+def single_run(world_dir, tmp_path_factory):
+    """The single-process 8-device run (6 steps, then the end-of-training evaluation): its workdir."""
+    d = str(tmp_path_factory.mktemp("single") / "run")
     t0 = time.time()
-    single = _run(world_dir, str(tmp_path / "single"), 0, processes=1)
+    single = _run(world_dir, d, 0, processes=1, evaluate=True)
     assert single[0]["devices"] == 8 and single[0]["count"] == 1 and single[0]["step"] == 6
+    print(f"\n[multiprocess] single 8-device run with evaluation {time.time() - t0:.0f}s")
+    return d
+
+
+def _eval_rows(workdir):
+    with open(os.path.join(workdir, "eval", "final.json")) as f:
+        return json.load(f)["eval"]
+
+
+def test_two_processes_match_one_process_through_a_checkpoint(world_dir, single_run, tmp_path):
     t1 = time.time()
     mp = str(tmp_path / "multi")
     first = _run(world_dir, mp, 3, processes=2)
@@ -125,7 +169,7 @@ def test_two_processes_match_one_process_through_a_checkpoint(world_dir, tmp_pat
     assert all(r["step"] == 6 for r in second)
     t2 = time.time()
 
-    a, b = _losses(str(tmp_path / "single")), _losses(mp)
+    a, b = _losses(single_run), _losses(mp)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert {a[s][3] for s in a} == {"warmup"}  # in-batch negatives gathered across the two processes
     worst = 0.0
@@ -135,8 +179,45 @@ def test_two_processes_match_one_process_through_a_checkpoint(world_dir, tmp_pat
             worst = max(worst, abs(x - y) / max(1.0, abs(x)))
     # the same programs on the same shards; only the cross-process reductions (gloo) may sum in another order
     assert worst < 1e-5, (worst, a, b)
-    print(f"\n[multiprocess] single 8-device run {t1 - t0:.0f}s, 2x4 run + resume {t2 - t1:.0f}s, "
-          f"max relative loss difference {worst:.2e}")
+    print(f"\n[multiprocess] 2x4 run + resume {t2 - t1:.0f}s, max relative loss difference {worst:.2e}")
+
+
+def test_two_process_evaluation_matches_one_process(world_dir, single_run, tmp_path):
+    """The final evaluation of the same weights (the single run's last checkpoint, restored by 2 processes that
+    have no step left to train): the index on the global 8-device mesh, each process tokenizing and encoding the
+    rows of its 4 devices, every example evaluated on both; process 0 writes final.json. Same rows as the
+    single-process evaluation: EM / F1 / accuracy exactly, recall to float tolerance."""
+    mp = str(tmp_path / "multi_eval")
+    os.makedirs(mp)
+    shutil.copytree(os.path.join(single_run, "checkpoints"), os.path.join(mp, "checkpoints"))
+    t0 = time.time()
+    res = _run(world_dir, mp, 0, processes=2, evaluate=True)
+    assert [r["process"] for r in res] == [0, 1] and all(r["step"] == 6 and r["count"] == 2 for r in res)
+    a, b = _eval_rows(single_run), _eval_rows(mp)
+    assert [(r["task"], r["mode"], r["k"]) for r in a] == [(r["task"], r["mode"], r["k"]) for r in b]
+    assert {(r["task"], r["mode"]) for r in a} == {(t, m) for t in ("qa", "fact_verification")
+                                                  for m in ("imprag", "oracle")}
+    for x, y in zip(a, b):
+        assert sorted(x) == sorted(y), (x, y)
+        for key in x:
+            if "recall" in key and x[key] is not None:
+                assert abs(x[key] - y[key]) < 1e-6, (key, x, y)
+            else:
+                assert x[key] == y[key], (key, x, y)  # n, n_gold, em, f1, accuracy: exactly
+    assert all(r["gold_recall@10"] is not None for r in a if r["mode"] == "imprag")
+    # a 6-step model's answers and recall are near zero: the retriever itself is compared directly, on random
+    # queries over the whole corpus (every process's copy of the result, against the single process's)
+    one = json.load(open(os.path.join(single_run, "probe.p0.json")))
+    for i in range(2):
+        two = json.load(open(os.path.join(mp, f"probe.p{i}.json")))
+        assert two["n"] == one["n"] > 300 and two["ids"] == one["ids"]
+        assert two["tokens"] == one["tokens"] and two["mask"] == one["mask"]  # the passages read
+        assert max(abs(x - y) for a_, b_ in zip(one["scores"], two["scores"]) for x, y in zip(a_, b_)) < 1e-5
+    assert len({i for row in one["ids"] for i in row}) > 10  # not one ranking for every query
+    with open(os.path.join(mp, "metrics.jsonl")) as f:
+        evals = [json.loads(x) for x in f if '"eval/' in x]
+    assert len(evals) == 1  # one writer
+    print(f"\n[multiprocess] 2x4 evaluation of the single run's weights {time.time() - t0:.0f}s")
 
 
 # ---------------------------------------------------------------------------------------------------- launchers

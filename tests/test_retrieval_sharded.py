@@ -96,3 +96,56 @@ def test_sharded_retrieval_on_8_devices():
     for line in ("sharded == single: ok", "binned/approx/raw/set_mesh: ok", "encode_corpus on a mesh: ok",
                  "save/restore across meshes: ok"):
         assert line in out
+
+
+SHARDED_BUILD = r'''
+import jax, jax.numpy as jnp, numpy as np
+from imprag_jax.model import ModelConfig, init_params
+from imprag_jax.model.sharding import make_mesh
+from imprag_jax.retrieval import encode_corpus
+from imprag_jax.retrieval.encode import encode_corpus_sharded, local_index_rows
+from imprag_jax.infer.imprag import Retriever
+
+mesh = make_mesh(data=4, fsdp=1, tensor=2)
+cfg = ModelConfig.tiny(b=1, t=2)
+params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+rng = np.random.default_rng(0)
+tok = rng.integers(1, cfg.vocab_size, (37, 9)).astype(np.int32)
+mask = np.ones_like(tok, np.int32); mask[::3, 6:] = 0
+asked = []
+
+def rows_tokens(ix):
+    asked.append(np.asarray(ix))
+    return tok[ix], mask[ix]
+
+# one process holds every row: it tokenizes all 37 (not the 3 padding rows), in order
+np.testing.assert_array_equal(local_index_rows(37, mesh), np.arange(37))
+ix = encode_corpus_sharded(params, cfg, 37, rows_tokens, mesh=mesh, l_max=9, batch_size=12, dtype=jnp.float32)
+ref = encode_corpus(params, cfg, tok, mask, batch_size=6, mesh=mesh, dtype=jnp.float32, progress=False)
+assert len(asked) == 1 and (asked[0] == np.arange(37)).all()
+assert ix.n == 37 and ix.num_padded == 40 and ix.embeddings.sharding.spec == ref.embeddings.sharding.spec
+np.testing.assert_allclose(ix.host_embeddings(), ref.host_embeddings(), rtol=1e-5, atol=1e-6)
+assert not np.asarray(ix.embeddings)[37:].any()  # zero padding rows
+np.testing.assert_array_equal(np.asarray(ix.tokens)[:37], tok)
+
+# the retriever over a pool: ids are knowledge-source rows, passages come from the device tokens
+pool = np.array([0, 3, 4, 10, 11, 20, 29, 36])
+a = Retriever.build(params, cfg, tok, mask, rows=pool)
+b = Retriever.build_sharded(params, cfg, 37, lambda r: (tok[r], mask[r]), mesh=mesh, l_max=9, rows=pool)
+assert b.tokens is None and b.l_max == 9 and b.n == 8
+q = rng.standard_normal((5, ix.D)).astype(np.float32)
+(sa, ia), (sb, ib) = a.search(q, 10), b.search(q, 10)
+np.testing.assert_array_equal(ia, ib)
+np.testing.assert_allclose(sa, sb, rtol=1e-5, atol=1e-5)
+assert set(ib[ib >= 0].tolist()) <= set(pool.tolist()) and (ib[:, 8:] == -1).all()
+for x, y in zip(a.gather(ib), b.gather(ib)):
+    np.testing.assert_array_equal(x, y)
+print("sharded build: ok")
+'''
+
+
+def test_sharded_index_build_matches_encode_corpus():
+    """`encode_corpus_sharded` (each process encodes the rows its devices hold) and `Retriever.build_sharded`
+    (device-resident tokens) give what `encode_corpus` / `Retriever.build` give, here on one process of 8 devices
+    (tests/test_multiprocess.py runs them on 2 processes)."""
+    assert "sharded build: ok" in run_with_devices(SHARDED_BUILD, n=8, timeout=300)

@@ -365,10 +365,13 @@ class _Encoder:
 
 
 def corpus_tokens(data_dir: str, tokenizer=None, l_max: int = 32, title_format: Optional[str] = TITLE_FORMAT,
-                  stats: Optional[TruncationStats] = None) -> tuple:
-    """Every passage of ``passages.jsonl`` as the model reads it: ``(tokens [N, l_max], mask [N, l_max])``."""
+                  stats: Optional[TruncationStats] = None, rows=None) -> tuple:
+    """Every passage of ``passages.jsonl`` as the model reads it: ``(tokens [N, l_max], mask [N, l_max])``; with
+    ``rows`` (passage row numbers) only those, in that order (a host's share of a multi-process index)."""
     tokenizer = tokenizer or load_tokenizer(data_dir)
     ps, _ = _passage_rows(data_dir)
+    if rows is not None:
+        ps = [ps[int(i)] for i in rows]
     return _Encoder(tokenizer, title_format, False).passages([(t, x) for _, t, x in ps], l_max,
                                                             stats if stats is not None else TruncationStats())
 

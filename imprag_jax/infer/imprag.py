@@ -86,7 +86,7 @@ def read_and_generate(params, cfg: ModelConfig, enc: Encoded, passages=None, pas
         return [[] for _ in range(enc.mask.shape[0])]
     out, _ = continue_and_decode(params, cfg, enc.h_b, enc.mask, enc.cache, stop_array(stop_ids), pkv, bias,
                                  jnp.int32(offset), enc.max_new_tokens)
-    return cut_at_stop(out, stop_ids)
+    return cut_at_stop(to_host(out), stop_ids)
 
 
 def generate_with_passages(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], passages, passage_mask, *,
@@ -110,25 +110,61 @@ def _device_search(index, e_q, k: int, backend: str):
     return search(index, e_q, k, backend)
 
 
+@jax.jit
+def _device_gather(index, ids):
+    """Token ids / mask [B, k, l_max] of index rows `ids` (-1: empty) from the index's device-resident tokens,
+    replicated on the index's mesh (every process can read them)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    safe = jnp.maximum(ids, 0)
+    t = index.tokens[safe]
+    m = index.mask[safe] * (ids >= 0)[..., None].astype(index.mask.dtype)
+    if index.mesh is not None:
+        rep = NamedSharding(index.mesh, PartitionSpec())
+        t, m = jax.lax.with_sharding_constraint(t, rep), jax.lax.with_sharding_constraint(m, rep)
+    return t, m
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) array as numpy: directly when this process holds all of it (fully addressable or
+    replicated), else gathered from every process (then every process must call it)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class Retriever:
-    """The corpus as the model reads it (host tokens) plus its embedding index.
+    """The corpus as the model reads it (host tokens, or the index's own device-resident tokens) plus its
+    embedding index.
 
     backend: "exact" | "binned" | "approx" (the device `imprag_jax.retrieval.search`) or "scann" (a host ScaNN
     searcher built from the same embeddings on first use by `scann_backend.build_searcher`, the builder training
     with train.index_backend = "scann" uses too; needs the optional `scann` package).
     kv_store: an opened `kv_store.KVStore` of the same knowledge source: the retrieved passages' middle-group K/V
     are then loaded from it instead of computed (`from_kv_store` also takes the index's E_p from it).
+
+    `build` encodes the whole corpus on this process; `build_sharded` (multi-process runs) builds the index on a
+    global mesh with each process tokenizing and encoding only the rows its devices hold; the passages read are
+    then gathered from the index's tokens on the devices (`tokens`/`mask` are None).
     """
 
-    def __init__(self, index, tokens: np.ndarray, mask: np.ndarray, texts: Optional[Sequence[str]] = None,
-                 backend: str = "exact", rows: Optional[np.ndarray] = None, kv_store=None):
+    def __init__(self, index, tokens: Optional[np.ndarray], mask: Optional[np.ndarray],
+                 texts: Optional[Sequence[str]] = None, backend: str = "exact", rows: Optional[np.ndarray] = None,
+                 kv_store=None):
         from ..retrieval.search import BACKENDS
 
         if backend not in BACKENDS + ("scann",):
             raise ValueError(f"unknown retrieval backend {backend!r}; choose one of {BACKENDS + ('scann',)}")
-        self.index, self.tokens, self.mask, self.texts, self.backend = index, np.asarray(tokens), np.asarray(mask), \
-            texts, backend
-        if len(self.tokens) != index.n:
+        if tokens is None and (index.tokens is None or index.mask is None):
+            raise ValueError("a Retriever without host tokens needs an index that keeps its tokens and mask")
+        self.index, self.texts, self.backend = index, texts, backend
+        self.tokens = None if tokens is None else np.asarray(tokens)
+        self.mask = None if mask is None else np.asarray(mask)
+        if self.tokens is not None and len(self.tokens) != index.n:
             raise ValueError(f"the index has {index.n} rows but the corpus {len(self.tokens)} passages")
         # rows: when the index holds a pool (a subset of the knowledge source), the knowledge-source row of each of
         # its passages (sorted); search returns and gather takes knowledge-source rows either way
@@ -181,6 +217,26 @@ class Retriever:
         return cls(PassageIndex.create(emb, step=step), tokens, mask, texts, backend, rows=rows, kv_store=store)
 
     @classmethod
+    def build_sharded(cls, params, cfg: ModelConfig, n_passages: int, tokenize: Callable, texts=None, *, mesh,
+                      l_max: int, step: int = 0, batch_size: int = 256, backend: str = "exact", rows=None):
+        """`build` for a multi-process run: the index on the global `mesh`, each process tokenizing
+        (`tokenize(source_rows) -> (tokens, mask)`) and encoding only the index rows its devices hold
+        (`retrieval.encode.encode_corpus_sharded`). rows: index only these knowledge-source rows (a pool).
+        Every process calls it together; the result is the same global index on each."""
+        from ..retrieval.encode import encode_corpus_sharded
+
+        if rows is not None:
+            rows = np.asarray(rows, np.int64)
+        n = n_passages if rows is None else len(rows)
+
+        def rows_tokens(ix):
+            return tokenize(ix if rows is None else rows[ix])
+
+        index = encode_corpus_sharded(params, cfg, n, rows_tokens, mesh=mesh, l_max=l_max, batch_size=batch_size,
+                                      step=step, keep_tokens=True)
+        return cls(index, None, None, texts, backend, rows=rows)
+
+    @classmethod
     def from_embeddings(cls, embeddings, tokens, mask, texts=None, *, backend: str = "exact", step: int = 0):
         from ..retrieval.index import PassageIndex
 
@@ -192,12 +248,15 @@ class Retriever:
 
     @property
     def l_max(self) -> int:
-        return int(self.tokens.shape[1])
+        return int((self.tokens if self.tokens is not None else self.index.tokens).shape[1])
 
     def search(self, e_q, k: int):
         """(scores [Q, min(k, N)] f32, ids [Q, min(k, N)] int32), best first."""
         k = min(k, self.index.n)
         if self.backend == "scann":
+            if jax.process_count() > 1:
+                raise ValueError("the scann backend searches one host's copy of the index; a multi-process "
+                                 "evaluation uses a device backend (exact, binned, approx)")
             if self._scann is None:
                 from ..retrieval.scann_backend import build_searcher
 
@@ -205,7 +264,7 @@ class Retriever:
             scores, ids = self._scann.search(np.asarray(e_q, np.float32), k)
         else:
             scores, ids = _device_search(self.index, jnp.asarray(e_q), k, self.backend)
-        scores, ids = np.asarray(scores), np.asarray(ids)
+        scores, ids = to_host(scores), to_host(ids)
         if self.rows is not None:
             ids = np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
         return scores, ids
@@ -219,6 +278,9 @@ class Retriever:
             if np.any((ids >= 0) & (self.rows[local] != ids)):
                 raise ValueError("gather: a passage outside the retriever's pool")
             ids = np.where(ids >= 0, local, -1)
+        if self.tokens is None:  # the index's device-resident tokens (a multi-process index)
+            t, m = _device_gather(self.index, jnp.asarray(ids, jnp.int32))
+            return to_host(t), to_host(m)
         safe = np.maximum(ids, 0)
         t, m = self.tokens[safe], self.mask[safe] * (ids >= 0)[..., None]
         return t, m

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imprag_jax.retrieval.index import PassageIndex, auto_mesh, config_fingerprint, embedding_fingerprint
+from imprag_jax.retrieval.index import (PassageIndex, auto_mesh, config_fingerprint, embedding_fingerprint,
+                                        padded_rows, row_spec)
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +268,116 @@ def _prepare_chunks(chunk_dir: str, meta: dict, n_chunks: int, cs: int, N: int) 
             continue
         done[c] = arr
     return done
+
+
+# ------------------------------------------------------------------------------------------ multi-host encoding
+def local_index_rows(n: int, mesh) -> np.ndarray:
+    """The index rows (< n, sorted) that this process's devices hold in a `PassageIndex` of n rows on `mesh`
+    (rows sharded over every mesh axis): with the usual process-major device order, a contiguous range by
+    process index. What this process must tokenize and encode in `encode_corpus_sharded`."""
+    mesh = auto_mesh(mesh)
+    n_pad = padded_rows(n, mesh)
+    per_dev = n_pad // mesh.size
+    sh = NamedSharding(mesh, row_spec(mesh))
+    starts = sorted({idx[0].start or 0 for idx in sh.addressable_devices_indices_map((n_pad, 1)).values()})
+    parts = [np.arange(s, min(s + per_dev, n)) for s in starts]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0,), np.int64)
+
+
+def encode_corpus_sharded(params, cfg, n: int, rows_tokens: Callable[[np.ndarray], tuple], *, mesh, l_max: int,
+                          batch_size: int = 64, step: int = 0,
+                          fingerprint: Union[str, Mapping[str, Any], None] = None, dtype=jnp.bfloat16,
+                          keep_tokens: bool = True, embed_fn: Optional[Callable] = None,
+                          stats: Optional[dict] = None) -> PassageIndex:
+    """A `PassageIndex` of n passages on `mesh` (every process of a multi-process run calls it together) for which
+    each process tokenizes and encodes only the rows its own devices hold (`local_index_rows`).
+
+    rows_tokens(rows) -> (tokens [len(rows), l_max], mask): the token ids of the given index rows (this process's
+    share only). The encoding runs as one global computation per batch: device q of the mesh encodes
+    `ceil(batch_size / devices)` rows of its own block of the index (the index's row sharding, so the inputs never
+    leave the process that tokenized them, whatever the mesh's axes); the embeddings and (keep_tokens) the
+    tokens and mask are assembled into global row-sharded arrays without a host all-gather. The rows past n are
+    zero, as in `PassageIndex.create`. Same embeddings as `encode_corpus` (the same jitted bottom group per row).
+    """
+    if embed_fn is None:
+        from imprag_jax.model import passage_embedding as embed_fn
+    if n < 1:
+        raise ValueError("empty corpus")
+    fp = _resolve_fingerprint(cfg, fingerprint)
+    mesh = auto_mesh(mesh)
+    n_dev = mesh.size
+    n_pad = padded_rows(n, mesh)
+    per_dev = n_pad // n_dev
+    sh = NamedSharding(mesh, row_spec(mesh))
+    starts = sorted({idx[0].start or 0 for idx in sh.addressable_devices_indices_map((n_pad, 1)).values()})
+    mine = local_index_rows(n, mesh)
+    t0 = time.perf_counter()
+    tok, msk = rows_tokens(mine)
+    tok, msk = np.asarray(tok, np.int32), np.asarray(msk)
+    if tok.shape != (len(mine), l_max) or msk.shape != tok.shape:
+        raise ValueError(f"rows_tokens gave {tok.shape} / {msk.shape} for {len(mine)} rows of length {l_max}")
+    filler_t = np.zeros((l_max,), np.int32)  # a row for the padding slots of a batch (its embedding is dropped)
+    filler_m = np.zeros((l_max,), msk.dtype)
+    filler_m[0] = 1
+    if len(mine):
+        filler_t, filler_m = tok[0], msk[0]
+
+    def block(start: int, lo: int, hi: int):
+        """Tokens / mask of index rows [start + lo, start + hi) of the device block starting at `start` (rows past
+        n or past the block hold the filler)."""
+        t = np.repeat(filler_t[None], hi - lo, axis=0)
+        m = np.repeat(filler_m[None], hi - lo, axis=0)
+        a, b = start + lo, min(start + hi, start + per_dev, n)
+        if b > a:
+            pos = np.searchsorted(mine, np.arange(a, b))
+            t[: b - a], m[: b - a] = tok[pos], msk[pos]
+        return t, m
+
+    params = _on_mesh(params, mesh)
+    try:
+        from imprag_jax.model.sharding import use_sharding
+    except ImportError:  # pragma: no cover
+        use_sharding = None
+    jitted = _jitted_embed(cfg, embed_fn, sh)
+    b = max(1, -(-batch_size // n_dev))  # rows per device and batch
+    parts = {s: [] for s in starts}
+    for j in range(-(-per_dev // b)):
+        cur = {s: block(s, j * b, (j + 1) * b) for s in starts}
+
+        def cb(idx, which):
+            return cur[(idx[0].start or 0) // b * per_dev][which]
+
+        tt = jax.make_array_from_callback((n_dev * b, l_max), sh, lambda i: cb(i, 0))
+        mm = jax.make_array_from_callback((n_dev * b, l_max), sh, lambda i: cb(i, 1))
+        if use_sharding is None:
+            e = jitted(params, tt, mm)
+        else:
+            with use_sharding(mesh):
+                e = jitted(params, tt, mm)
+        for shard in e.addressable_shards:
+            parts[(shard.index[0].start or 0) // b * per_dev].append(np.asarray(shard.data))
+    emb, toks, msks = {}, {}, {}
+    for s in starts:
+        x = np.concatenate(parts[s])[:per_dev].astype(np.float32)
+        real = max(0, min(per_dev, n - s))
+        x[real:] = 0.0  # padding rows score exactly 0 (the search relies on it)
+        emb[s] = x.astype(jnp.dtype(dtype))
+        if keep_tokens:
+            t, m = block(s, 0, per_dev)
+            t[real:], m[real:] = 0, 0
+            toks[s], msks[s] = t, m
+    D = next(iter(emb.values())).shape[1]
+
+    def put(d, shape, dt):
+        return jax.make_array_from_callback(shape, sh, lambda idx: d[idx[0].start or 0].astype(dt, copy=False))
+
+    e_g = put(emb, (n_pad, D), jnp.dtype(dtype))
+    t_g = m_g = None
+    if keep_tokens:
+        t_g, m_g = put(toks, (n_pad, l_max), np.int32), put(msks, (n_pad, l_max), msk.dtype)
+    secs = time.perf_counter() - t0
+    log.info("encode_corpus_sharded: %d of %d passages on process %d in %.1fs", len(mine), n, jax.process_index(),
+             secs)
+    if stats is not None:
+        stats.update(passages=n, local_passages=len(mine), seconds=secs)
+    return PassageIndex(e_g, t_g, m_g, step=int(step), n=int(n), config_hash=fp, mesh=mesh)

@@ -269,7 +269,7 @@ class _DevEval:
 
         t0 = time.time()
         c = self.c
-        if self.corpus is None:
+        if self.corpus is None and not evaluation.multi_process():  # several processes: each tokenizes its rows
             self.corpus = corpus_tokens(self.ddir, self.tokenizer, c.data.l_max)
         rows = evaluation.evaluate(params, self.cfg, c, self.ddir, self.tokenizer, tasks=R.parse_list(c.eval.dev_tasks),
                                    limit=c.eval.dev_limit, modes=R.parse_list(c.eval.get("dev_modes", "imprag")),
