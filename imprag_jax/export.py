@@ -36,7 +36,7 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, dtype: str = 
     meta = build_meta(cfg, tok, k=ks[0] if ks else c.data.k, l_max=c.data.l_max, L_q=R.eval_L_q(c),
                       L_r=c.data.L_r, add_bos=c.data.add_bos, k_train=c.data.k,
                       source={"workdir": os.path.abspath(workdir),
-                              "step": int(step), "run": c.get("name", ""), "model_init": c.model.init})
+                              "step": int(step), "run": c.name, "model_init": c.model.init})
     export_model(params, cfg, tok, out, meta, dtype=dtype, max_shard_bytes=max_shard_bytes)
     log(f"[export] step {step} of {workdir} -> {out} ({cfg.num_params() / 1e6:.2f}M params, {dtype}"
         + (f", embed_scale {cfg.embed_scale:g} folded into the weights" if cfg.embed_scale != 1.0 else "")
