@@ -2,7 +2,7 @@
 
     python -m imprag_jax.compile_check --config configs/llama3_1_8b.py:gpu8
     python -m imprag_jax.compile_check --config configs/llama3_2_3b.py:v5p-32 --devices 16 --json out.json
-    python -m imprag_jax.compile_check --config configs/llama3_2_3b.py:smoke --devices 8 --set model.remat=dots
+    python -m imprag_jax.compile_check --config configs/llama3_2_3b.py:smoke --devices 8 --config.model.remat=dots
 
 N fake CPU devices are made with `--xla_force_host_platform_device_count` (set before JAX starts), the config's
 mesh is laid over them, and the train step of each retrieval stage (warmup = NCE, distill = KL with the teacher)
@@ -23,13 +23,12 @@ linear in the depth and a few shallow compiles extrapolate to the full model (do
 """
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 GIB = 2 ** 30
 
@@ -46,44 +45,6 @@ def _set_devices(n: int):
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
-
-
-def load_config(spec: str):
-    """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns (one-line error, exit 2, for a
-    missing file or a config that does not load)."""
-    from . import cli
-
-    try:
-        return cli.load_config_file(spec)
-    except cli.UserError as e:
-        cli.fail(str(e), prefix="compile_check: config error")
-
-
-def apply_overrides(c, sets: List[str], source: str = "the config"):
-    """`a.b=value` strings (value parsed as a Python literal, else kept as a string)."""
-    from . import cli
-
-    for s in sets:
-        key, eq, raw = s.partition("=")
-        if not eq:
-            cli.fail(f"--set expects key=value, got {s!r}", prefix="compile_check: error")
-        try:
-            val = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            val = raw
-        try:
-            cli.check_key(c, key, source)
-        except cli.UserError as e:
-            cli.fail(str(e), prefix="compile_check: config error")
-        node = c
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        try:
-            node[parts[-1]] = val
-        except (TypeError, ValueError, AttributeError) as e:  # e.g. a string for an int field
-            cli.fail(f"--set {s}: {cli.first_line(e)}", prefix="compile_check: config error")
-    return c
 
 
 def sharded_bytes(tree, shardings) -> float:
@@ -117,7 +78,7 @@ def temp_estimate(cfg, c, mesh_shape: Dict[str, int], stage: str, param_bytes: f
     Bd = max(1.0, B / rows) / max(1, c.train.accum)
     L = c.data.L_q + c.data.L_r
     Bf = c.data.free_batch_size  # retrieval-free rows: the prompt stream only, at their own length
-    L = L + (Bf / max(B, 1)) * (c.data.get("L_free", 0) or L)
+    L = L + (Bf / max(B, 1)) * (c.data.L_free or L)
     P = c.data.k * c.data.l_max
     d, N, nm = cfg.hidden_size, cfg.num_layers, cfg.n_middle
     kvd = cfg.num_kv_heads * cfg.head_dim
@@ -196,10 +157,17 @@ def check(c, stages=("warmup", "distill"), log=print) -> dict:
 
 
 def main(argv=None) -> int:
+    from . import cli
     from .cli import ArgumentParser
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(x == "--set" or x.startswith("--set=") for x in argv):
+        cli.fail("--set is gone: override a field with --config.a.b=v (e.g. --config.model.remat=dots), as every "
+                 "command does", prefix="compile_check: error")
+    c, rest = cli.config_from_argv(["compile_check"] + argv, prefix="compile_check: config error")
     ap = ArgumentParser(prog="python -m imprag_jax.compile_check", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="configs/x.py[:arg]")
+    ap.add_argument("--config", required=c is None,
+                    help="configs/x.py[:arg]; override any field with --config.a.b=v")
     ap.add_argument("--devices", type=int, default=0, help="fake CPU devices (default: the mesh's size, or 8)")
     ap.add_argument("--stages", default="warmup,distill")
     ap.add_argument("--batch", type=int, default=0, help="data.batch_size (global retrieval rows)")
@@ -207,13 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=0, help="reduced depth (use with --b/--t) for per-layer scaling")
     ap.add_argument("--b", type=int, default=-1)
     ap.add_argument("--t", type=int, default=-1)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable")
-    ap.add_argument("--vocab", type=int, default=256, help="vocabulary when the config says 0 (= a tokenizer's)")
+    ap.add_argument("--vocab", type=int, default=256, help="vocabulary when the config gives none (= a tokenizer's)")
     ap.add_argument("--json", default="", help="write the report here")
-    a = ap.parse_args(argv)
-
-    c = load_config(a.config)
-    apply_overrides(c, a.set, a.config.partition(":")[0])
+    a = ap.parse_args(rest[1:])
     if a.batch:
         c.data.batch_size = a.batch
     if a.accum:
@@ -238,7 +202,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return 2
-    rep["command"] = "python -m imprag_jax.compile_check " + " ".join(argv if argv is not None else sys.argv[1:])
+    rep["command"] = "python -m imprag_jax.compile_check " + " ".join(argv)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rep, f, indent=2)

@@ -24,13 +24,12 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from imprag_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); default: <workdir>/config.json.",
-                                lock_config=True)
+flags.DEFINE_string("config", None, "Config file (configs/*.py[:arg]; overrides: --config.a.b=v); default: "
+                    "<workdir>/config.json.")
 flags.DEFINE_string("workdir", None, "The training run directory.")
 flags.DEFINE_string("tasks", None, "Comma-separated tasks (default: the config's eval.tasks).")
 flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: the latest); 0 = the config's initial "
@@ -64,8 +63,8 @@ def main(argv):
     from .run import RunError
 
     try:
-        rep = run(FLAGS.config, FLAGS.workdir, tasks=FLAGS.tasks, modes=FLAGS.modes, ks=FLAGS.k, limit=FLAGS.limit,
-                  split=FLAGS.split, step=FLAGS.checkpoint, batch_size=FLAGS.batch_size,
+        rep = run(cli.loaded_config(), FLAGS.workdir, tasks=FLAGS.tasks, modes=FLAGS.modes, ks=FLAGS.k,
+                  limit=FLAGS.limit, split=FLAGS.split, step=FLAGS.checkpoint, batch_size=FLAGS.batch_size,
                   max_new_tokens=FLAGS.max_new_tokens, backend=FLAGS.backend, out_dir=FLAGS.out,
                   predictions=FLAGS.predictions, plot=FLAGS.plot, kv_store=FLAGS.kv_store)
     except (RunError, ConfigError) as e:

@@ -20,10 +20,6 @@ from . import cli
 from . import run as R
 
 
-def _list(s):
-    return R.parse_list(s)
-
-
 def _fmt(v):
     return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -186,7 +182,7 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
     split = split or E.split
     batch_size = int(batch_size or E.batch_size)
     max_new_tokens = int(max_new_tokens or E.max_new_tokens)
-    L_q, add_bos, pool, seed = R.eval_L_q(c), bool(c.data.add_bos), int(E.get("pool", 0)), int(c.seed)
+    L_q, add_bos, pool, seed = R.eval_L_q(c), bool(c.data.add_bos), int(E.pool), int(c.seed)
     tasks = list(tasks)
     sharded = multi_process()  # the index on the global mesh, each process tokenizing and encoding its rows
     if corpus is None and any(m in (() if sharded else ("imprag",)) + tuple(RECALL_MODES) for m in modes):
@@ -268,9 +264,9 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     c = c if c is not None else R.load_run_config(workdir)
     E = c.eval
     split = split or E.split
-    tasks = _list(tasks if tasks is not None else E.tasks)
-    modes = _list(modes if modes is not None else E.modes) or ["imprag"]
-    ks = [int(x) for x in _list(ks if ks is not None else E.k)] or [1]
+    tasks = R.parse_list(tasks if tasks is not None else E.tasks)  # flags: comma strings
+    modes = R.parse_list(modes if modes is not None else E.modes) or ["imprag"]
+    ks = R.parse_list(ks if ks is not None else E.k, int) or [1]
     limit = E.limit if limit is None else limit
     limit = int(limit) if limit else None
     bad = [m for m in modes if m not in MODES + RECALL_MODES]

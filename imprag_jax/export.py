@@ -37,7 +37,7 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, dtype: str = 
                       L_r=c.data.L_r, add_bos=c.data.add_bos, k_train=c.data.k,
                       score_bias=bool(c.eval.get("score_bias", False)),
                       source={"workdir": os.path.abspath(workdir),
-                              "step": int(step), "run": c.get("name", ""), "model_init": c.model.init})
+                              "step": int(step), "run": c.name, "model_init": c.model.init})
     export_model(params, cfg, tok, out, meta, dtype=dtype, max_shard_bytes=max_shard_bytes)
     log(f"[export] step {step} of {workdir} -> {out} ({cfg.num_params() / 1e6:.2f}M params, {dtype}"
         + (f", embed_scale {cfg.embed_scale:g} folded into the weights" if cfg.embed_scale != 1.0 else "")

@@ -28,25 +28,16 @@ def shared_data():
     return SHARED_DATA
 
 
-_CONFIG_MODULES = {}
-
-
 def config_module(name: str):
-    """configs/<name>.py as a module (loaded by file path; no sys.path changes), e.g.
+    """The module configs.<name> (configs/ is a package; pytest runs from the repository root), e.g.
     config_module("synthetic").get_config("smoke")."""
-    if name not in _CONFIG_MODULES:
-        import importlib.util
+    import importlib
 
-        spec = importlib.util.spec_from_file_location(f"_test_config_{name}", os.path.join(ROOT, "configs",
-                                                                                           f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _CONFIG_MODULES[name] = mod
-    return _CONFIG_MODULES[name]
+    return importlib.import_module(f"configs.{name}")
 
 
 def load_config(spec: str):
-    """configs/<file>.py[:arg] -> its ConfigDict, loaded by file path (as --config does; no sys.path changes)."""
+    """configs/<file>.py[:arg] -> its locked ConfigDict, loaded by file path as --config does."""
     from imprag_jax import cli
 
     return cli.load_config_file(os.path.join(ROOT, "configs", spec))

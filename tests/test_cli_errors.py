@@ -153,10 +153,45 @@ def test_evaluate_config_errors_are_one_line(tmp_path):
 def test_compile_check_config_errors_are_one_line():
     r = _run("imprag_jax.compile_check", ["--config", "configs/nope.py"])
     _user_error(r, "configs/nope.py", "not found")
-    r = _run("imprag_jax.compile_check", ["--config", "configs/llama3_2_3b.py:smoke", "--set", "model.remot=dots"])
+    r = _run("imprag_jax.compile_check", ["--config", "configs/llama3_2_3b.py:smoke", "--config.model.remot=dots"])
     _user_error(r, "'model.remot'", "did you mean model.remat?")
-    r = _run("imprag_jax.compile_check", ["--config", "configs/llama3_2_3b.py:smoke", "--set", "model.layers.x=1"])
+    r = _run("imprag_jax.compile_check", ["--config", "configs/llama3_2_3b.py:smoke", "--config.model.layers.x=1"])
     _user_error(r, "'model.layers.x'")
+    r = _run("imprag_jax.compile_check", ["--config", "configs/llama3_2_3b.py:smoke", "--set", "model.remat=dots"])
+    _user_error(r, "--set is gone", "--config.a.b=v")
+
+
+def test_config_file_with_an_unknown_field_is_a_one_line_error(tmp_path):
+    """A config file that adds a field the base config does not have (a typo in a config, not on the command
+    line) fails at load with the field and the closest real one, for train and compile_check alike."""
+    cfg = tmp_path / "typo.py"
+    cfg.write_text("from configs.synthetic import get_config as base\n\n\ndef get_config(arg=''):\n"
+                   "    c = base('smoke')\n    c.train.stepz = 5\n    return c\n")
+    wd = tmp_path / "w"
+    r = _run("imprag_jax.train", ["--config", str(cfg), "--workdir", str(wd)])
+    _user_error(r, "unknown field 'train.stepz'", "did you mean train.steps?")
+    assert not wd.exists()
+    r = _run("imprag_jax.compile_check", ["--config", str(cfg)])
+    _user_error(r, "unknown field 'train.stepz'")
+
+
+def test_overrides_parse_lists_and_weights_from_comma_strings():
+    from imprag_jax import cli
+
+    spec = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
+    c = cli.load_config_file(spec, [("eval.k", "1,5"), ("eval.tasks", "qa, two_hop_qa"), ("data.tasks",
+                                    "qa:1,two_hop_qa:0.5"), ("train.score_bias", None), ("data.neg_ranks", "5,20")])
+    assert c.eval.k == [1, 5] and c.eval.tasks == ["qa", "two_hop_qa"] and c.data.neg_ranks == [5, 20]
+    assert c.train.score_bias is True
+    from imprag_jax.run import batch_config
+
+    assert batch_config(c).tasks == {"qa": 1.0, "two_hop_qa": 0.5}  # in the order given
+    with pytest.raises(cli.UserError, match="eval.k"):
+        cli.load_config_file(spec, [("eval.k", "1,five")])
+    with pytest.raises(cli.UserError, match="train.steps='many'"):
+        cli.load_config_file(spec, [("train.steps", "many")])
+    with pytest.raises(AttributeError):  # locked: a field set later that the config does not have
+        c.train.stepz = 3
 
 
 def test_argparse_usage_errors_are_one_line(tmp_path):
@@ -174,6 +209,8 @@ def test_cli_helpers():
     assert cli.config_argv(["p", "--config", "a.py:x", "--config.train.steps=3", "--noconfig.b.c", "--workdir=w"]) \
         == ("a.py:x", ["train.steps", "b.c"])
     assert cli.config_argv(["p", "--config=b.py", "--config.x", "1"]) == ("b.py", ["x"])
+    assert cli.split_config_argv(["p", "--config=b.py", "--config.x", "1", "--config.y", "--noconfig.z", "--k=2"]) \
+        == ("b.py", [("x", "1"), ("y", None), ("z", "false")], ["p", "--k=2"])
     import ml_collections
 
     c = ml_collections.ConfigDict({"train": {"steps": 1, "stages": "both"}, "model": {"b": 1}})

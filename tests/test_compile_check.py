@@ -19,8 +19,8 @@ def _run(args, timeout=300):
 def test_smoke_config_on_8_fake_devices(tmp_path):
     out = str(tmp_path / "rep.json")
     # the llama3 smoke structure (GQA 6/2, llama3 rope, tied, b/t) on a (data 2, fsdp 2, tensor 2) mesh
-    r = _run(["--config", "configs/llama3_2_3b.py:smoke", "--devices", "8", "--set", "mesh.data=2",
-              "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2", "--batch", "8", "--json", out])
+    r = _run(["--config", "configs/llama3_2_3b.py:smoke", "--devices", "8", "--config.mesh.data=2",
+              "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--batch", "8", "--json", out])
     assert r.returncode == 0, r.stderr[-4000:]
     rep = json.load(open(out))
     assert rep["devices"] == 8 and rep["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -10,6 +10,11 @@ from conftest import ROOT
 
 
 def _check_overrides(c, overrides):
+    import copy
+
+    from imprag_jax.config_base import set_value
+
+    c = copy.deepcopy(c)  # the caller checks the config as the row's file builds it
     for o in overrides:
         assert o.startswith("--config.") and "=" in o, o
         path, _ = o[len("--config."):].split("=", 1)
@@ -17,6 +22,7 @@ def _check_overrides(c, overrides):
         for part in path.split("."):
             assert part in node, f"{o}: no config key {path}"
             node = node[part]
+        set_value(c, path, o.split("=", 1)[1])  # the value parses as the command line's would
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +40,9 @@ def runners():
 
 
 def _config(file, args):
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"cfg_{file}", os.path.join(ROOT, "configs", f"{file}.py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m.get_config(args)
+    return importlib.import_module(f"configs.{file}").get_config(args)
 
 
 def test_every_row_builds_its_config_and_overrides_existing_keys(runners, tmp_path):

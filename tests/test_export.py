@@ -268,7 +268,7 @@ def trained_run(tmp_path_factory, world_dir):
     c.data.update(dict(batch_size=8, free_batch_size=2, L_q=64, prefetch=0))
     c.train.update(dict(steps=12, warmup_steps=2, log_every=4, ckpt_every=6, time_budget_s=0.0, lr=3e-3,
                         stages="warmup"))
-    c.eval.update(dict(modes="", limit=16, k="2"))
+    c.eval.update(dict(modes=[], limit=16, k=[2]))
     wd = str(tmp_path_factory.mktemp("run"))
     train(c, wd)
     return wd, world

@@ -179,7 +179,7 @@ def smoke_run(tmp_path_factory, world_dir):
     c.data.dir = world_dir
     c.data.prefetch = 0
     c.train.update(dict(ckpt_every=6, stages="warmup"))  # one compiled step
-    c.eval.modes = ""
+    c.eval.modes = []
     wd = str(root / "run")
     train(c, wd)
     return wd
@@ -256,12 +256,12 @@ def test_baseline_configs():
     ra = synthetic.get_config("ra_it,smoke")
     assert (ra.model.b, ra.model.t) == (0, ra.model.num_layers - 1)
     assert ra.train.stages == "none" and ra.data.positives == "pseudo" and ra.data.n_neg == 0
-    assert ra.data.n_pos == ra.data.k and ra.eval.modes == "bm25" and ra.eval.k == str(ra.data.k)
+    assert ra.data.n_pos == ra.data.k and ra.eval.modes == ["bm25"] and ra.eval.k == [ra.data.k]
     assert ra.train.steps == 12  # smoke applies whatever the order
     assert synthetic.get_config("smoke,warmup_only").train.stages == "warmup"
     assert synthetic.get_config("distill_only").train.stages == "distill"
     cb = synthetic.get_config("closed_book,smoke")
-    assert cb.eval.modes == "closed_book" and cb.train.closed_book
+    assert cb.eval.modes == ["closed_book"] and cb.train.closed_book
     with pytest.raises(ValueError, match="ra_it"):
         synthetic.get_config("rag")
 
@@ -276,7 +276,7 @@ def test_ra_it_smoke_trains_and_evaluates_with_bm25_in_context(smoke_run, world_
     c.data.dir = world_dir
     c.data.prefetch = 0
     c.train.update(dict(steps=3, ckpt_every=0))
-    c.eval.update(dict(limit=8, tasks="qa"))
+    c.eval.update(dict(limit=8, tasks=["qa"]))
     res = train(c, str(tmp_path / "ra"))
     assert res["step"] == 3
     (row,) = res["eval"]
@@ -301,7 +301,7 @@ def test_short_training_beats_closed_book(world_dir, tmp_path):
                         init_std=64 ** -0.5))
     c.data.update(dict(batch_size=16, free_batch_size=4, L_q=32, k=1, n_neg=0, prefetch=0))
     c.train.update(dict(steps=1000, warmup_steps=20, log_every=250, ckpt_every=0, time_budget_s=0.0, lr=3e-3))
-    c.eval.update(dict(modes="imprag,closed_book", k="1", limit=160, tasks="qa", batch_size=160))
+    c.eval.update(dict(modes=["imprag", "closed_book"], k=[1], limit=160, tasks=["qa"], batch_size=160))
     res = train(c, str(tmp_path / "run"))
     rows = {r["mode"]: r for r in res["eval"]}
     assert rows["imprag"]["gold_recall@5"] > 0.6, rows
@@ -318,7 +318,7 @@ def test_closed_book_smoke_trains_and_evaluates(smoke_run, world_dir, tmp_path):
     c.data.dir = world_dir
     c.data.prefetch = 0
     c.train.update(dict(steps=3, ckpt_every=0))
-    c.eval.update(dict(limit=8, tasks="qa"))
+    c.eval.update(dict(limit=8, tasks=["qa"]))
     res = train(c, str(tmp_path / "cb"))
     (row,) = res["eval"]
     assert (res["step"], row["mode"], row["k"], row["n"]) == (3, "closed_book", 0, 8)

@@ -22,8 +22,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", int(os.environ["IMPRAG_TEST_LOCAL_DEVICES"]))
 from imprag_jax.train.distributed import maybe_initialize
 maybe_initialize()  # IMPRAG_COORDINATOR / IMPRAG_NUM_PROCESSES / IMPRAG_PROCESS_ID when set
-sys.path.insert(0, os.path.join(os.environ["IMPRAG_ROOT"], "configs"))
-import synthetic
+from configs import synthetic  # the child runs in the repository root
 from imprag_jax.train.trainer import train
 import imprag_jax.evaluation as ev
 
@@ -59,8 +58,8 @@ c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_h
 c.data.update(dict(batch_size=16, free_batch_size=8, prefetch=0))
 c.train.update(dict(steps=6, warmup_steps=2, log_every=1, ckpt_every=0, time_budget_s=0.0, lr=3e-3,
                     stages="warmup", stop_at_step=stop_at))  # one program: NCE over the global batch
-c.eval.update(dict(modes="imprag,oracle" if evaluate else "", limit=16, tasks="qa,fact_verification", k="1,5",
-                   pool=60, batch_size=8, max_new_tokens=4))  # a pool: index rows map to knowledge-source rows
+c.eval.update(dict(modes=["imprag", "oracle"] if evaluate else [], limit=16, tasks=["qa", "fact_verification"],
+                   k=[1, 5], pool=60, batch_size=8, max_new_tokens=4))  # a pool: index rows map to knowledge-source rows
 res = train(c, workdir)
 print("RESULT", json.dumps({"process": jax.process_index(), "count": jax.process_count(),
                             "devices": jax.device_count(), "local": jax.local_device_count(),

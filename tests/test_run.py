@@ -37,7 +37,71 @@ def test_parse_list_takes_strings_and_real_lists():
     assert R.parse_list(["qa", " fv "]) == ["qa", "fv"]
     assert R.parse_list(5) == ["5"]
     assert R.parse_weights("qa:1,lm:0.5") == {"qa": 1.0, "lm": 0.5}
-    assert R.parse_weights("") is None
+    assert R.parse_weights("") == {} and R.parse_weights(None) == {}
+    assert R.parse_weights({"b": 2, "a": 1}) == {"b": 2.0, "a": 1.0}
+    assert R.parse_list("1, 5", int) == [1, 5] and R.parse_list([10, "50"], int) == [10, 50]
+    with pytest.raises(ConfigError, match="bad list item 'x'"):
+        R.parse_list("1,x", int)
+    with pytest.raises(ConfigError, match="bad task weight 'qa:much'"):
+        R.parse_weights("qa:much")
+
+
+def test_configs_are_a_package_with_real_lists():
+    import configs.synthetic
+    from configs import llama3_2_3b, smollm2
+
+    c = configs.synthetic.get_config()
+    assert c.eval.k == [1, 5] and c.eval.modes == ["imprag", "oracle"] and c.data.neg_ranks == [10, 50]
+    assert R.parse_weights(smollm2.get_config().data.free_tasks) == {
+        "squad_rc": 1.0, "phrase_denoising": 1.0, "sentence_generation": 1.0, "lm": 0.3}
+    from imprag_jax.model import ModelConfig
+
+    # the architecture numbers come from the one preset table
+    assert R.model_config(llama3_2_3b.get_config()) == ModelConfig.llama3_2_3b(remat="full", score_scale="sqrt_dim")
+
+
+def test_old_run_config_json_with_comma_strings_loads(tmp_path):
+    """config.json of a run written when lists were comma strings (and model.preset existed) reads as the real
+    lists; fields added since take their defaults; a field the code does not know is an error naming it."""
+    old = json.loads(load_config("synthetic.py:smoke").to_json_best_effort())
+    old["model"].update(preset="tiny", head_dim=0, prompt_offset=-1, vocab_size=0)
+    old["data"].update(tasks="qa:1,two_hop_qa:0.5", free_tasks="format:1", neg_ranks=[10, 50])
+    old["eval"].update(k="1,5", tasks="qa,slot_filling", modes="imprag,oracle", dev_tasks="qa", dev_modes="imprag")
+    del old["eval"]["L_q"], old["train"]["retrieval_steps"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    c = R.load_run_config(str(tmp_path))
+    assert c.eval.k == [1, 5] and c.eval.tasks == ["qa", "slot_filling"] and c.eval.modes == ["imprag", "oracle"]
+    assert R.parse_weights(c.data.tasks) == {"qa": 1.0, "two_hop_qa": 0.5}
+    assert c.eval.L_q == 0 and c.train.retrieval_steps == 0 and "preset" not in c.model
+    cfg = R.model_config(c, vocab_size=50)
+    assert cfg.head_dim == 32 and cfg.prompt_offset is None and cfg.vocab_size == 50
+    old["train"]["query_filler"] = True
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(R.RunError, match="unknown field 'train.query_filler'"):
+        R.load_run_config(str(tmp_path))
+
+
+def test_pretrained_init_refuses_an_architecture_field_that_disagrees():
+    """A pretrained init takes the architecture from the checkpoint: a config value that agrees (or is unset) is
+    fine, one that disagrees is a one-line ConfigError naming the field and both values."""
+    from imprag_jax.model import ModelConfig
+
+    ckpt = ModelConfig.smollm2_135m()
+    c = load_config("smollm2.py:smoke")
+    cfg = R.model_config(c, base=ckpt)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.b, cfg.t, cfg.score_scale) == (576, 30, 7, 21, "sqrt_dim")
+    c.model.hidden_size = 576
+    assert R.model_config(c, base=ckpt).hidden_size == 576
+    c.model.num_layers = 24
+    with pytest.raises(ConfigError, match=r"model.num_layers=24 disagrees with the checkpoint 'smollm2' \(30\)"):
+        R.model_config(c, base=ckpt)
+
+
+def test_random_init_needs_the_shape_fields():
+    c = load_config("smollm2.py:smoke")
+    c.model.init = "random"
+    with pytest.raises(ConfigError, match="model.hidden_size is not set"):
+        R.model_config(c, vocab_size=64)
 
 
 def test_checkpoint_full_state_and_params_only_round_trip(tmp_path):

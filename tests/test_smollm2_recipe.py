@@ -3,13 +3,12 @@ trains on the real mini-KILT with the health metrics logged, the recall curve st
 retrieval-only evaluation (the model's recall and BM25's over the same pool) equals `python -m imprag_jax.evaluate
 --modes recall,bm25_recall` on the same checkpoint. Needs the SmolLM2 GGUF, the shared data and bm25s; skips
 without them."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import SHARED_DATA
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
@@ -28,10 +27,9 @@ def recipe_run(tmp_path_factory):
 
     data = str(tmp_path_factory.mktemp("mk"))
     prepare_minikilt(SHARED_DATA, data, seed=0, limit=60, show_progress=False, free_per_task=20)
-    spec = importlib.util.spec_from_file_location("cfg_smollm2", os.path.join(ROOT, "configs", "smollm2.py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    c = m.get_config("retriever")
+    from configs import smollm2
+
+    c = smollm2.get_config("retriever")
     c.data.update(dict(dir=data, batch_size=4, l_max=32, L_q=32))
     c.train.update(dict(steps=3, retrieval_steps=3, log_every=1, eval_every=2, ckpt_every=0, warmup_steps=1))
     c.eval.update(dict(pool=200, limit=8, dev_limit=8, L_q=32, batch_size=8))

@@ -24,7 +24,7 @@ def tiny_config(world_dir, **train):
     c.data.update(dict(batch_size=8, free_batch_size=2, prefetch=0))
     c.train.update(dict(steps=16, warmup_steps=2, log_every=1, ckpt_every=0, time_budget_s=0.0, lr=3e-3))
     c.train.update(train)
-    c.eval.update(dict(modes="", limit=64))
+    c.eval.update(dict(modes=[], limit=64))
     return c
 
 
@@ -129,8 +129,7 @@ def test_self_distillation_moves_p_r_toward_p_t(world_dir):
 
 SHARDED = r"""
 import sys, jax, jax.numpy as jnp, numpy as np
-sys.path.insert(0, "CONFIGS")
-import synthetic
+from configs import synthetic
 from imprag_jax.data.pipeline import TrainBatches, load_tokenizer
 from imprag_jax.model.sharding import make_mesh
 from imprag_jax import run
@@ -172,7 +171,7 @@ print("OK")
 
 
 def test_sharded_step_on_8_devices_equals_single_device(world_dir):
-    out = run_with_devices(SHARDED.replace("WORLD", world_dir).replace("CONFIGS", os.path.join(ROOT, "configs")), 8,
+    out = run_with_devices(SHARDED.replace("WORLD", world_dir), 8,
                            timeout=900)
     assert "OK" in out, out
 
@@ -194,7 +193,7 @@ def test_cli_rejects_bad_configs_with_clear_errors(override, msg, tmp_path):
     r = _cli(["--config", "configs/synthetic.py:smoke", "--workdir", str(tmp_path / "w"), override], timeout=300)
     assert r.returncode != 0
     assert msg in r.stderr + r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
-    assert "Traceback" not in r.stderr or "nope" in msg  # ml_collections reports unknown keys via absl
+    assert "Traceback" not in r.stderr
 
 
 def test_existing_world_with_another_config_is_refused(world_dir, tmp_path):
@@ -405,7 +404,7 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(world_dir, tmp_path)
     out = []
     for name in ("a", "b"):
         c = tiny_config(world_dir, steps=8, log_every=4, stages="both", warmup_share=0.5)
-        c.eval.update(dict(modes="imprag", k="1", limit=16, tasks="qa"))
+        c.eval.update(dict(modes=["imprag"], k=[1], limit=16, tasks=["qa"]))
         res = train(c, str(tmp_path / name))
         with open(tmp_path / name / "metrics.jsonl") as f:
             rows = [{k: v for k, v in json.loads(x).items() if k not in timing} for x in f]

@@ -25,14 +25,44 @@ class ConfigError(ValueError):
 ATTENTION_IMPLS = {"xla", "cudnn"}
 
 
-@dataclasses.dataclass(frozen=True)
+def _llama3_rope(factor: float) -> dict:
+    return dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+
+
+# The architectures the code knows by name: the one place their numbers live (`ModelConfig.preset`,
+# configs/llama3.py, configs/smollm2.py, the benchmarks). A pretrained init takes its architecture from the
+# checkpoint instead.
+PRESETS = {
+    # a few-layer random model for tests (GQA: 4 heads over 2 KV heads)
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                 rope_theta=10000.0, b=1, t=2, max_position=4096),
+    "smollm2_135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, b=7, t=21,
+                         max_position=8192),
+    "llama3_2_3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
+                        num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=True,
+                        rope_scaling=_llama3_rope(32.0), max_position=131072, b=7, t=19,
+                        dtype="bfloat16"),
+    "llama3_1_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                        num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=False,
+                        rope_scaling=_llama3_rope(8.0), max_position=131072, b=7, t=23,
+                        dtype="bfloat16"),
+}
+
+# the shape fields have no default: a config, a preset or a checkpoint gives them
+ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "b", "t")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_layers: int = 30
-    num_heads: int = 9
-    num_kv_heads: int = 3
+    """Field defaults here are the defaults of a run's `model` section too (imprag_jax/config_base.py reads them)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
     head_dim: Optional[int] = None  # default hidden_size // num_heads
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
@@ -41,8 +71,8 @@ class ModelConfig:
     embed_scale: float = 1.0  # multiply token embeddings (sqrt(d) helps tied from-scratch models; Llama uses 1)
     max_position: int = 131072
     # ImpRAG groups
-    b: int = 7
-    t: int = 19
+    b: int
+    t: int
     retrieval_rope: str = "pre"  # "pre" | "post": take E_q / E_p before or after RoPE
     passage_attention: str = "joint"  # "joint" | "independent" (middle group)
     prompt_offset: Optional[int] = None  # prompt position shift when reading; None = k * l_max
@@ -178,35 +208,24 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ presets
     @classmethod
+    def preset(cls, name: str, **kw) -> "ModelConfig":
+        """A PRESETS architecture, with `kw` replacing any field."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+        return cls(**{**PRESETS[name], **kw})
+
+    @classmethod
     def tiny(cls, **kw) -> "ModelConfig":
-        """A few-layer random model for tests (GQA: 4 heads over 2 KV heads)."""
-        base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-                    num_kv_heads=2, rope_theta=10000.0, b=1, t=2, max_position=4096)
-        base.update(kw)
-        return cls(**base)
+        return cls.preset("tiny", **kw)
 
     @classmethod
     def smollm2_135m(cls, **kw) -> "ModelConfig":
-        base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                    num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, b=7, t=21,
-                    max_position=8192)
-        base.update(kw)
-        return cls(**base)
+        return cls.preset("smollm2_135m", **kw)
 
     @classmethod
     def llama3_2_3b(cls, **kw) -> "ModelConfig":
-        base = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
-                    num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=True,
-                    rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                      original_max_position_embeddings=8192), b=7, t=19, dtype="bfloat16")
-        base.update(kw)
-        return cls(**base)
+        return cls.preset("llama3_2_3b", **kw)
 
     @classmethod
     def llama3_1_8b(cls, **kw) -> "ModelConfig":
-        base = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                    num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=False,
-                    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                      original_max_position_embeddings=8192), b=7, t=23, dtype="bfloat16")
-        base.update(kw)
-        return cls(**base)
+        return cls.preset("llama3_1_8b", **kw)

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 import ml_collections as mlc
 
+from ..config_base import base_config, conform, parse_list, parse_weights
 from ..model import ConfigError, ModelConfig
+from ..model.config import ARCHITECTURE
+
+# the model fields a pretrained init takes from the config (the ImpRAG split and the numerics); every other field
+# is the checkpoint's
+KEEP = ("b", "t", "retrieval_rope", "score_scale", "retrieval_pool", "passage_attention", "prompt_offset", "dtype",
+        "param_dtype", "remat", "attention_impl")
 
 CONFIG_FILE = "config.json"
 
@@ -26,14 +33,19 @@ def _fail(msg):
 
 
 def load_run_config(workdir: str) -> mlc.ConfigDict:
-    """<workdir>/config.json, written by the trainer when the run started."""
+    """<workdir>/config.json, written by the trainer when the run started, as a locked config: fields added since
+    at their defaults, list and weight fields parsed (older runs wrote comma strings); see `config_base.conform`."""
     if not os.path.isdir(workdir):
         raise RunError(f"workdir {workdir!r} does not exist")
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise RunError(f"{workdir!r} is not a training run directory (no config.json); pass --config")
     with open(path) as f:
-        return mlc.ConfigDict(json.load(f))
+        d = json.load(f)
+    try:
+        return conform(d, path)
+    except ConfigError as e:
+        raise RunError(str(e)) from None
 
 
 def write_run_config(c, workdir: str) -> None:
@@ -44,60 +56,43 @@ def write_run_config(c, workdir: str) -> None:
 # ---------------------------------------------------------------------------------------------------- values
 
 
-def parse_weights(s) -> Optional[Dict[str, float]]:
-    """'qa:1,two_hop_qa:0.5' -> {'qa': 1.0, 'two_hop_qa': 0.5}; '' -> None."""
-    if not s:
-        return None
-    if isinstance(s, dict):
-        return {k: float(v) for k, v in s.items()}
-    out = {}
-    for part in str(s).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        name, _, w = part.partition(":")
-        try:
-            out[name.strip()] = float(w) if w else 1.0
-        except ValueError:
-            _fail(f"bad task weight {part!r}: expected name:weight")
-    return out
-
-
-def parse_list(s):
-    """'a, b,,c' -> ['a', 'b', 'c']; a list or tuple -> its items as stripped strings."""
-    items = s if isinstance(s, (list, tuple)) else str(s).split(",")
-    return [str(x).strip() for x in items if str(x).strip()]
-
-
 def eval_ks(c):
     """The passages read at evaluation (eval.k), as ints; the first is the inference default."""
-    return [int(x) for x in parse_list(c.eval.k)]
+    return parse_list(c.eval.k, int)
 
 
 def eval_L_q(c) -> int:
-    """Prompt length at evaluation and inference: eval.L_q, or data.L_q when 0 / absent (older run configs)."""
-    return int(c.eval.get("L_q", 0) or c.data.L_q)
+    """Prompt length at evaluation and inference: eval.L_q, or data.L_q when 0."""
+    return int(c.eval.L_q or c.data.L_q)
 
 
 def model_config(c, vocab_size: Optional[int] = None, base: Optional[ModelConfig] = None) -> ModelConfig:
-    """ModelConfig from config.model. `base` (a loaded checkpoint's config) supplies the architecture."""
+    """ModelConfig from config.model. `base` (a loaded checkpoint's config) supplies the architecture: every field
+    but the ImpRAG and numerics ones (KEEP); a config that sets one of those to another value than the checkpoint's
+    is a ConfigError."""
     m = dict(c.model)
-    for k in ("init", "preset"):
-        m.pop(k, None)
-    if m.get("head_dim", 0) in (0, None):
-        m["head_dim"] = None
+    m.pop("init", None)
     if m.get("rope_scaling") is not None and hasattr(m["rope_scaling"], "to_dict"):
         m["rope_scaling"] = m["rope_scaling"].to_dict()
-    if m.get("prompt_offset", -1) in (-1, None):
-        m["prompt_offset"] = None
+    for k, unset in (("head_dim", 0), ("prompt_offset", -1), ("vocab_size", 0)):  # older runs' "unset" values
+        if m.get(k) == unset:
+            m[k] = None
     if base is not None:  # pretrained: architecture from the checkpoint, ImpRAG/numerics from the config
-        keep = ("b", "t", "retrieval_rope", "score_scale", "retrieval_pool", "passage_attention", "prompt_offset",
-                "dtype", "param_dtype", "remat", "attention_impl")
-        return base.replace(**{k: m[k] for k in keep})
+        default = base_config().model
+        for k, v in m.items():
+            if k in KEEP or v is None or v == default.get(k) or v == getattr(base, k):
+                continue
+            _fail(f"model.{k}={v!r} disagrees with the checkpoint {c.model.init!r} ({getattr(base, k)!r}); a "
+                  f"pretrained init takes its architecture from the checkpoint: drop model.{k} from the config")
+        return base.replace(**{k: m[k] for k in KEEP if m.get(k) is not None})
     if not m.get("vocab_size"):
         if vocab_size is None:
-            _fail("model.vocab_size is 0 (= the tokenizer's) but no tokenizer is known")
+            _fail("model.vocab_size is unset (= the tokenizer's) but no tokenizer is known")
         m["vocab_size"] = vocab_size
+    missing = [k for k in ARCHITECTURE if m.get(k) is None]
+    if missing:
+        _fail(f"model.{missing[0]} is not set: a random init needs {', '.join('model.' + k for k in missing)} "
+              "(or start from a pretrained model.init)")
     try:
         return ModelConfig(**m)
     except TypeError as e:
@@ -108,10 +103,11 @@ def batch_config(c):
     from ..data.pipeline import BatchConfig
 
     d = c.data
-    try:
+    try:  # no task weights: every task of the data folder's stats.json, weighted 1
         return BatchConfig(batch_size=d.batch_size, free_batch_size=d.free_batch_size, L_q=d.L_q, L_r=d.L_r,
                            L_free=d.L_free, L_free_r=d.L_free_r,
-                           l_max=d.l_max, k=d.k, tasks=parse_weights(d.tasks), free_tasks=parse_weights(d.free_tasks),
+                           l_max=d.l_max, k=d.k, tasks=parse_weights(d.tasks) or None,
+                           free_tasks=parse_weights(d.free_tasks) or None,
                            positives=d.positives, n_pos=d.n_pos, negatives=d.negatives, n_neg=d.n_neg,
                            neg_ranks=tuple(d.neg_ranks), random_neg_fraction=d.random_neg_fraction, cf=d.cf,
                            cf_negatives=d.cf_negatives, add_bos=d.add_bos,

@@ -2,13 +2,12 @@
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from imprag_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), optionally file.py:arg.",
-                                lock_config=True)
+flags.DEFINE_string("config", None, "Config file (configs/*.py), optionally file.py:arg; override any field with "
+                    "--config.a.b=v.")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/, eval/.")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: when the environment names "
                   "several processes).")
@@ -17,7 +16,8 @@ flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (defau
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value)")
-    if FLAGS.config is None or FLAGS.workdir is None:
+    config = cli.loaded_config()
+    if config is None or FLAGS.workdir is None:
         cli.fail("--config and --workdir are required, e.g. --config configs/synthetic.py --workdir runs/synthetic")
     if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
         cli.fail(f"--workdir {FLAGS.workdir} is a file, not a folder")
@@ -34,7 +34,7 @@ def main(argv):
     # not leave an empty folder behind
     with cli.remove_if_unused(FLAGS.workdir):
         try:
-            train(FLAGS.config, FLAGS.workdir)
+            train(config, FLAGS.workdir)
         except ConfigError as e:
             cli.fail(str(e), prefix="config error")
 

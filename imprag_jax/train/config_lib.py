@@ -2,8 +2,8 @@
 step config. The objects every run needs (model, batch, data folder) are built in `imprag_jax.run`."""
 from __future__ import annotations
 
+from ..config_base import check_fields, parse_weights
 from ..model import ConfigError
-from ..run.config import parse_weights
 from .step import StepConfig
 
 STAGES = ("both", "warmup", "distill", "none")
@@ -18,6 +18,7 @@ def _fail(msg):
 
 
 def step_config(c) -> StepConfig:
+    check_fields(c, "the config")  # a config built in Python, not through a config file's loader
     t = c.train
     if t.stages not in STAGES:
         _fail(f"train.stages must be one of {STAGES}, got {t.stages!r}")
@@ -41,9 +42,9 @@ def step_config(c) -> StepConfig:
         _fail("train.steps must be >= 1 and train.lr > 0")
     if t.accum < 1:
         _fail("train.accum must be >= 1")
-    if not 0 <= t.get("retrieval_steps", 0) <= t.steps:
+    if not 0 <= t.retrieval_steps <= t.steps:
         _fail(f"train.retrieval_steps must be in [0, train.steps={t.steps}], got {t.retrieval_steps}")
-    if t.get("retrieval_steps", 0) and t.closed_book:
+    if t.retrieval_steps and t.closed_book:
         _fail("train.retrieval_steps trains the retrieval path; a closed-book run has none")
     d = c.data
     if d.batch_size < 1:
@@ -59,5 +60,4 @@ def step_config(c) -> StepConfig:
 
 
 def _lm_tasks(c) -> bool:
-    w = parse_weights(c.data.free_tasks) or {}
-    return "lm" in w
+    return "lm" in parse_weights(c.data.free_tasks)

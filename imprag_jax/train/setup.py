@@ -50,7 +50,7 @@ def config_batch_shapes(c, k_read: Optional[int] = None) -> Dict[str, tuple]:
     """The global batch the trainer feeds the step, from the config alone (every array int32)."""
     B, Bf = c.data.batch_size, c.data.free_batch_size
     L = c.data.L_q + c.data.L_r
-    Lf = c.data.get("L_free", 0) or L
+    Lf = c.data.L_free or L
     k = c.data.k if k_read is None else k_read
     i32 = np.dtype(np.int32)
     out = {"tokens": ((B, L), i32), "mask": ((B, L), i32), "prompt_mask": ((B, L), i32),

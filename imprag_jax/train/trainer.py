@@ -272,7 +272,7 @@ class _DevEval:
         if self.corpus is None and not evaluation.multi_process():  # several processes: each tokenizes its rows
             self.corpus = corpus_tokens(self.ddir, self.tokenizer, c.data.l_max)
         rows = evaluation.evaluate(params, self.cfg, c, self.ddir, self.tokenizer, tasks=R.parse_list(c.eval.dev_tasks),
-                                   limit=c.eval.dev_limit, modes=R.parse_list(c.eval.get("dev_modes", "imprag")),
+                                   limit=c.eval.dev_limit, modes=R.parse_list(c.eval.dev_modes),
                                    ks=[1], ks_for=evaluation.training_ks, step=at, corpus=self.corpus)
         writer.write(at, {f"dev/{r['task']}/{r['mode']}/{key}": v for r in rows for key, v in r.items()
                           if isinstance(v, float)})
@@ -431,7 +431,7 @@ def _final_evaluation(c, cfg, params, ddir: str, tokenizer, result: Dict, writer
 
 
 def _init_from(c) -> str:
-    return str(c.train.get("init_from", "") or "")
+    return str(c.train.init_from or "")
 
 
 def params_from_run(run_dir: str, cfg: ModelConfig):
