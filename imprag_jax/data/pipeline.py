@@ -6,7 +6,10 @@ A prepared data directory (the synthetic world of `imprag_jax.data.synthetic` or
 ``records/{task}.{split}.array_record`` (one JSON record per example: the templated prompt, the answers, gold /
 BM25-ranked / generator hard-negative passages as corpus ROWS, and the meta). Records are tokenizer-independent;
 tokenization happens when a batch is built, so one prepared directory serves every model. The iterators call
-`prepare_records` themselves when a record file is missing or older than its sources.
+`prepare_records` themselves when a record file is missing or older than its sources. A folder that holds the TFDS
+dataset of `imprag_jax.data.tfds_kilt` (``tfds/imprag_kilt/<version>/``, written by ``data.prepare --tfds``, or a
+``tfds/location`` file naming one in a bucket) is read through it instead -- the same records, the same batches bit
+for bit -- and needs no ``records/`` files.
 
 Training batch (`TrainBatches`; every array is numpy, shapes fixed by `BatchConfig`, so a jitted step never
 recompiles)::
@@ -237,14 +240,9 @@ def available_tasks(data_dir: str, split: str) -> list:
                   for p in glob.glob(os.path.join(data_dir, "tasks", f"*.{split}.jsonl")))
 
 
-def prepare_records(data_dir: str, tasks: Optional[Sequence[str]] = None, splits: Optional[Sequence[str]] = None,
-                    force: bool = False) -> list:
-    """Write ``records/{task}.{split}.array_record`` for the given task splits (all by default) when missing or
-    older than the task / pseudo-label files. Returns the record paths."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from imprag_jax.data.formats import iter_jsonl
-
+def _task_splits(data_dir: str, tasks: Optional[Sequence[str]] = None,
+                 splits: Optional[Sequence[str]] = None) -> list:
+    """[(task, split, task file)] of ``tasks/*.jsonl``, filtered; a named (task, split) without a file raises."""
     todo = []
     for path in sorted(glob.glob(os.path.join(data_dir, "tasks", "*.jsonl"))):
         task, split = os.path.basename(path)[:-len(".jsonl")].rsplit(".", 1)
@@ -254,44 +252,94 @@ def prepare_records(data_dir: str, tasks: Optional[Sequence[str]] = None, splits
         missing = {(t, s) for t in tasks for s in (splits or ())} - {(t, s) for t, s, _ in todo}
         if missing:
             raise FileNotFoundError(f"no task file for {sorted(missing)} in {data_dir}/tasks")
+    return todo
+
+
+def iter_task_records(data_dir: str, task: str, split: str, rows: Optional[dict] = None) -> Iterator[bytes]:
+    """The records of one task split, in file order: each one JSON object (UTF-8 bytes) with the templated prompt,
+    the answers, gold / BM25-ranked / hard-negative passages as corpus rows and the meta. ``rows`` (passage id ->
+    row, `_passage_rows`) is read from ``passages.jsonl`` when not given. What `prepare_records` and the TFDS
+    builder (`imprag_jax.data.tfds_kilt`) store."""
+    from imprag_jax.data.formats import iter_jsonl
+
+    path = os.path.join(data_dir, "tasks", f"{task}.{split}.jsonl")
+    if rows is None:
+        rows = _passage_rows(data_dir)[1]
+    pl_path = os.path.join(data_dir, "pseudo_labels", f"{task}.{split}.jsonl")
+    ranked = {}
+    if os.path.exists(pl_path):
+        for _, obj in iter_jsonl(pl_path):
+            ranked[obj["id"]] = [rows[p] for p in obj["ranked"] if p in rows]
+    for n, (_, obj) in enumerate(iter_jsonl(path)):
+        meta = dict(obj.get("meta") or {})
+        outputs = obj.get("output") or []
+        answers = [o["answer"] for o in outputs if isinstance(o.get("answer"), str) and o["answer"].strip()]
+        gold = []
+        for o in outputs:
+            for p in o.get("provenance") or []:
+                r = rows.get(str(p.get("passage_id")))
+                if r is not None and r not in gold:
+                    gold.append(r)
+        hn = [rows[p] for p in meta.pop("hard_negatives", []) or [] if p in rows]
+        kind = meta.get("kind") or "retrieval"
+        rec = {"v": RECORDS_VERSION, "row": n, "task": task, "id": obj["id"], "kind": kind,
+               "prompt": example_prompt(obj, task), "input": obj["input"], "answers": answers, "gold": gold,
+               "ranked": ranked.get(obj["id"], []), "hard_negatives": hn, "meta": meta}
+        yield json.dumps(rec, separators=(",", ":")).encode("utf-8")
+
+
+def prepare_records(data_dir: str, tasks: Optional[Sequence[str]] = None, splits: Optional[Sequence[str]] = None,
+                    force: bool = False) -> list:
+    """Write ``records/{task}.{split}.array_record`` for the given task splits (all by default) when missing or
+    older than the task / pseudo-label files. Returns the record paths. A folder that holds a TFDS dataset
+    (`imprag_jax.data.tfds_kilt`) is read through it and needs no record files: nothing is written, and the
+    paths returned are those the folder would have."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    todo = _task_splits(data_dir, tasks, splits)
+    out = [_record_path(data_dir, task, split) for task, split, _ in todo]
+    if _tfds_dir(data_dir) is not None:
+        return out
     rows = None
-    out = []
     for task, split, path in todo:
         rec_path = _record_path(data_dir, task, split)
         pl_path = os.path.join(data_dir, "pseudo_labels", f"{task}.{split}.jsonl")
         sources = [path, os.path.join(data_dir, "passages.jsonl")] + ([pl_path] if os.path.exists(pl_path) else [])
-        out.append(rec_path)
         if (not force and os.path.exists(rec_path)
                 and os.path.getmtime(rec_path) >= max(os.path.getmtime(s) for s in sources)):
             continue
         if rows is None:
             rows = _passage_rows(data_dir)[1]
-        ranked = {}
-        if os.path.exists(pl_path):
-            for _, obj in iter_jsonl(pl_path):
-                ranked[obj["id"]] = [rows[p] for p in obj["ranked"] if p in rows]
         os.makedirs(os.path.dirname(rec_path), exist_ok=True)
         tmp = f"{rec_path}.tmp{os.getpid()}"
         w = ArrayRecordWriter(tmp, "group_size:1")
-        for n, (_, obj) in enumerate(iter_jsonl(path)):
-            meta = dict(obj.get("meta") or {})
-            outputs = obj.get("output") or []
-            answers = [o["answer"] for o in outputs if isinstance(o.get("answer"), str) and o["answer"].strip()]
-            gold = []
-            for o in outputs:
-                for p in o.get("provenance") or []:
-                    r = rows.get(str(p.get("passage_id")))
-                    if r is not None and r not in gold:
-                        gold.append(r)
-            hn = [rows[p] for p in meta.pop("hard_negatives", []) or [] if p in rows]
-            kind = meta.get("kind") or "retrieval"
-            rec = {"v": RECORDS_VERSION, "row": n, "task": task, "id": obj["id"], "kind": kind,
-                   "prompt": example_prompt(obj, task), "input": obj["input"], "answers": answers, "gold": gold,
-                   "ranked": ranked.get(obj["id"], []), "hard_negatives": hn, "meta": meta}
-            w.write(json.dumps(rec, separators=(",", ":")).encode("utf-8"))
+        for rec in iter_task_records(data_dir, task, split, rows):
+            w.write(rec)
         w.close()
         os.replace(tmp, rec_path)
     return out
+
+
+def _tfds_dir(data_dir: str) -> Optional[str]:
+    """The TFDS dataset folder of a prepared data folder (`imprag_jax.data.tfds_kilt.find_dataset`; a stale local
+    one raises), or None."""
+    from imprag_jax.data import tfds_kilt
+
+    d = tfds_kilt.find_dataset(data_dir)
+    if d is not None:
+        tfds_kilt.check_fresh(data_dir, d)
+    return d
+
+
+def _task_source(data_dir: str, task: str, split: str):
+    """Random-access source of one task split's JSON records (bytes): the folder's TFDS dataset when it holds
+    one, else ``records/{task}.{split}.array_record``."""
+    d = _tfds_dir(data_dir)
+    if d is not None:
+        from imprag_jax.data import tfds_kilt
+
+        return tfds_kilt.task_source(d, task, split)
+    return _source(_record_path(data_dir, task, split))
 
 
 def _source(path: str):
@@ -428,7 +476,7 @@ class TrainBatches:
                 return None
             parts, weights = [], []
             for t, wgt in names.items():
-                src = _source(_record_path(data_dir, t, cfg.split))
+                src = _task_source(data_dir, t, cfg.split)
                 n = len(src)
                 if n == 0:
                     raise ValueError(f"task {t}.{cfg.split} is empty")
@@ -757,7 +805,7 @@ def eval_batches(data_dir: str, task: str, split: str = "dev", tokenizer=None, *
     enc = _Encoder(tokenizer, title_format, add_bos)
     stats = stats if stats is not None else TruncationStats()
     prepare_records(data_dir, [task], [split])
-    src = _source(_record_path(data_dir, task, split))
+    src = _task_source(data_dir, task, split)
     n = len(src) if limit is None else min(limit, len(src))
     recs = [json.loads(src[i]) for i in range(n)]
     G = max([len(r["gold"]) for r in recs] + [1])
@@ -805,7 +853,7 @@ def gold_counts(data_dir: str, task: str, split: str = "dev", limit: Optional[in
     """(examples, examples with a gold passage) among the first `limit` examples of a task split: gold is the
     provenance that names a passage of passages.jsonl (what oracle reading and gold recall use)."""
     prepare_records(data_dir, [task], [split])
-    src = _source(_record_path(data_dir, task, split))
+    src = _task_source(data_dir, task, split)
     n = len(src) if limit is None else min(limit, len(src))
     return n, sum(1 for i in range(n) if json.loads(src[i])["gold"])
 

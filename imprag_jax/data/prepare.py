@@ -22,6 +22,8 @@ Output in DIR::
     tasks/{task}.{split}.jsonl         KILT task files (meta.task_type / meta.fields drive the templates)
     pseudo_labels/{task}.{split}.jsonl BM25 top-50 per example, query = the templated prompt
     stats.json                         counts, chunking, dropped records, BM25 recall@1/5/10
+    tfds/imprag_kilt/1.0.0/            with ``--tfds``: the task splits and passages as a TFDS dataset (ArrayRecord
+                                       files, `imprag_jax.data.tfds_kilt`), which the pipeline then reads
 
 Mini-KILT tasks: ``nq`` and ``squad`` (seen formats, train/dev split by question text) and ``hotpotqa``,
 ``scifact``, ``trex`` (unseen formats, evaluation only: split ``dev``); retrieval-free training tasks in the paper's
@@ -897,6 +899,10 @@ def main(argv=None) -> int:
                          "sentence_generation; plus 10 %% plain-text lm rows); 0 = none")
     ap.add_argument("--no_pseudo_labels", action="store_true")
     ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--tfds", action="store_true",
+                    help="also write the tasks and the knowledge source as the TFDS dataset imprag_kilt "
+                         "(ArrayRecord files under OUT/tfds/, imprag_jax.data.tfds_kilt); the pipeline then reads "
+                         "the folder through it")
     ap.add_argument("--kilt_task", action="append", metavar="NAME=PATH",
                     help="a KILT task file; NAME is task or task.split (repeatable)")
     ap.add_argument("--kilt_task_type", action="append", metavar="NAME=TYPE",
@@ -931,6 +937,10 @@ def main(argv=None) -> int:
                                          l_max=a.l_max if a.l_max is not None else 100, dev_frac=a.dev_frac,
                                          limit=a.limit, bm25_k=a.bm25_k, query=a.query, show_progress=show,
                                          pseudo_labels=not a.no_pseudo_labels, free_per_task=a.free_per_task)
+            if a.tfds:
+                from imprag_jax.data import tfds_kilt
+
+                tfds_kilt.build(a.out, show_progress=show)
     except DataError as e:  # "<file>:<line>: what is wrong" (or "<file>: ...; what to do")
         msg = cli.first_line(e)
         if re.search(r":\d+: ", msg):
