@@ -278,16 +278,33 @@ def test_build_cli_and_evaluation_with_the_store_on_the_synthetic_world(smoke_ru
 
 
 @pytest.mark.slow
-def test_generate_with_the_store_prints_what_recomputation_prints(smoke_run, tmp_path, capsys):
-    """`python -m imprag_jax.generate --workdir RUN --kv_store DIR`: the same retrieved passages and answers as
-    without the store (scores to 2e-2: the stored E_p are the encoded ones to float tolerance); a store of
-    another checkpoint is refused in one line (exit 2)."""
+def test_generate_with_the_store_prints_what_recomputation_prints(smoke_run, tmp_path, capsys, monkeypatch):
+    """The build command interrupted (Ctrl-C after one shard) exits 130 saying how to resume, and the same command
+    then finishes the store. `python -m imprag_jax.generate --workdir RUN --kv_store DIR`: the same retrieved
+    passages and answers as without the store (scores to 2e-2: the stored E_p are the encoded ones to float
+    tolerance); a store of another checkpoint is refused in one line (exit 2)."""
     from imprag_jax.generate import main as gen_main
+    from imprag_jax.infer import kv_store as KS
     from imprag_jax.run.session import ImpRAGSession
 
     out = str(tmp_path / "kv")
-    kv_main(["build", "--workdir", smoke_run, "--out", out])
-    capsys.readouterr()
+    build = ["build", "--workdir", smoke_run, "--out", out, "--shard_size", "16"]
+    commit = KS._commit_shard
+
+    def interrupt_after_one(tmp, final):
+        if os.path.basename(final) != "00000":
+            raise KeyboardInterrupt
+        commit(tmp, final)
+
+    monkeypatch.setattr(KS, "_commit_shard", interrupt_after_one)
+    with pytest.raises(SystemExit) as e:
+        kv_main(build)
+    assert e.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "manifest.json")) and os.path.isdir(os.path.join(out, "shards", "00000"))
+    monkeypatch.setattr(KS, "_commit_shard", commit)
+    kv_main(build)
+    assert "resuming: 1 of" in capsys.readouterr().err
+    assert open_store(out).manifest["n_shards"] > 1
     prompts = ["Where was Peimim Makik born ?", "Who employs Peimim Makik ?", "Q: Where was Stavu Stauzouk born? A:"]
     args = ["--workdir", smoke_run, "--k", "3", "--show", "4", "--max_new_tokens", "6", *prompts]
 

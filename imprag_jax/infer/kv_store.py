@@ -356,9 +356,11 @@ def build_store(params, cfg: ModelConfig, tokens, mask, out_dir: str, *, h2o: Op
             state = json.load(f)
         old = {k: state.get(k) for k in want}
         if old != want:
-            diff = ", ".join(k if k != "options" else "options " + str(
-                {o: state["options"].get(o) for o in want["options"] if state["options"].get(o) != want["options"][o]})
-                for k in want if old[k] != want[k])
+            prev = old["options"] or {}
+            diff = ", ".join(
+                [{"fingerprint": "weights or model config", "corpus": "corpus tokens"}.get(k, k)
+                 for k in want if k != "options" and old[k] != want[k]]
+                + [f"{o} {prev.get(o)} -> {v}" for o, v in want["options"].items() if prev.get(o) != v])
             raise KVStoreError(f"{out_dir} holds an unfinished build with other weights, corpus or options ({diff}); "
                                "rerun it with the same ones to resume, or pass --overwrite to start over")
     elif os.path.isdir(os.path.join(out_dir, "shards")):
