@@ -333,7 +333,6 @@ def build_store(params, cfg: ModelConfig, tokens, mask, out_dir: str, *, h2o: Op
     _check_options(cfg, h2o, pq_m, dtype)
     if h2o_score not in ("sum", "mean"):
         raise KVStoreError(f"h2o_score must be 'sum' or 'mean', got {h2o_score!r}")
-    t_start = time.time()
     tokens, mask = np.asarray(tokens, np.int32), (np.asarray(mask) > 0).astype(np.int32)
     N, L = tokens.shape
     n_mid, KV, D = cfg.t - cfg.b + 1, cfg.num_kv_heads, cfg.head_dim
