@@ -5,12 +5,16 @@
   python -m imprag_jax.generate --workdir runs/synthetic "Q: Where was Stavu Stauzouk born? A:"   # ImpRAG
   python -m imprag_jax.generate --workdir runs/synthetic --template qa "Where was Stavu Stauzouk born?"
   python -m imprag_jax.generate --workdir runs/synthetic --template fact_verification --k 4 < statements.txt
+  python -m imprag_jax.generate --workdir runs/synthetic --kv_store runs/synthetic/kv "Q: Where was Stavu Stauzouk born? A:"
 
 With --model the prompt goes through the model's chat template when it has one (--raw to skip it). With --workdir
 the trained ImpRAG model of that run retrieves from its knowledge source with its own bottom layers (E_q), prints
 the retrieved passages (rank, score, title, text) and answers reading the top k (two-stage inference; prompts are
 answered in batches). Prompts are used as given; `--template TYPE` wraps each in the training template of that
 task type (qa, fact_verification, slot_filling ("entity [SEP] relation"), entity_linking, ...).
+`--kv_store DIR` (a model with independent passage attention): the index's E_p and the read passages' middle-group
+K/V come from a store built by `python -m imprag_jax.infer.kv_store build` for the same checkpoint, so no passage
+runs through the model (the answers are those of recomputation; a store of other weights is refused in one line).
 """
 from __future__ import annotations
 
@@ -60,7 +64,9 @@ def run_imprag(args):
     try:
         if args.template:
             prompts = [T.render(args.template, T.fields_from_input(args.template, p)) for p in prompts]
-        sess = ImpRAGSession.from_workdir(args.workdir, step=args.step, step_flag="--step")
+        sess = ImpRAGSession.from_workdir(args.workdir, step=args.step, step_flag="--step", kv_store=args.kv_store)
+        if args.kv_store:
+            sess.build_retriever()  # a store of another corpus is refused here, before any prompt
     except (RunError, T.TemplateError) as e:
         cli.fail(str(e))
     t0 = time.time()
@@ -90,7 +96,12 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=None, help="passages to read (default: the run's eval k)")
     ap.add_argument("--show", type=int, default=5, help="retrieved passages to print")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--kv_store", default=None,
+                    help="--workdir: read passages' K/V and E_p from this store (python -m imprag_jax.infer.kv_store "
+                         "build; independent passage attention only)")
     args = ap.parse_args(argv)
+    if args.kv_store and not args.workdir:
+        ap.error("--kv_store needs --workdir (a trained ImpRAG run)")
     if args.model:
         run_plain(args)
     else:

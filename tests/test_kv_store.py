@@ -3,6 +3,7 @@ generated tokens, evaluation predictions), compressed variants stay within state
 other weights, or for a joint model, is refused."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -156,6 +157,75 @@ def test_a_store_from_other_weights_or_for_a_joint_model_is_refused(tiny, tmp_pa
         build_store(p, cfg, toks, mask, str(tmp_path / "q"), pq_m=5, progress=False)
 
 
+def _files(d):
+    return sorted(os.path.relpath(os.path.join(dp, f), d) for dp, _, fs in os.walk(d) for f in fs)
+
+
+@pytest.mark.parametrize("kind", ["raw", "pq"])
+def test_an_interrupted_build_resumes_and_equals_an_uninterrupted_one(tiny, tmp_path, monkeypatch, kind):
+    """An exception after 2 of 6 shards (the third written but not yet renamed) leaves no manifest (the folder is
+    not a store); the same call again computes only the 4 missing shards (and, with PQ, does not retrain the
+    codec), and every array equals the uninterrupted build's byte for byte; other options are refused."""
+    from imprag_jax.infer import kv_store as KS
+
+    cfg, p, toks, mask, stores = tiny
+    kw = {"raw": {}, "pq": {"pq_m": 4}}[kind]
+    out = str(tmp_path / "kv")
+    commit = KS._commit_shard
+    calls = {"commit": 0, "batch": 0, "pq": 0}
+
+    def failing_commit(tmp, final):
+        if calls["commit"] == 2:
+            raise KeyboardInterrupt
+        calls["commit"] += 1
+        commit(tmp, final)
+
+    run_batch, train_pq = KS._run_batch, KS._train_pq
+
+    def counting_batch(*a, **k):
+        calls["batch"] += 1
+        return run_batch(*a, **k)
+
+    def counting_pq(*a, **k):
+        calls["pq"] += 1
+        return train_pq(*a, **k)
+
+    monkeypatch.setattr(KS, "_run_batch", counting_batch)
+    monkeypatch.setattr(KS, "_train_pq", counting_pq)
+    monkeypatch.setattr(KS, "_commit_shard", failing_commit)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(p, cfg, toks, mask, out, shard_size=16, batch_size=16, progress=False, **kw)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == ["00000", "00001", "00002.tmp"]
+    with pytest.raises(KVStoreError, match="no passage K/V store"):
+        open_store(out)
+    with pytest.raises(KVStoreError, match="unfinished build"):  # other options into the same folder
+        build_store(p, cfg, toks, mask, out, shard_size=16, batch_size=16, progress=False, dtype="float16", **kw)
+    with pytest.raises(KVStoreError, match="unfinished build"):  # other weights
+        build_store(_setup(seed=1)[1], cfg, toks, mask, out, shard_size=16, batch_size=16, progress=False, **kw)
+    monkeypatch.setattr(KS, "_commit_shard", commit)
+    calls.update(batch=0, pq=0)
+    build_store(p, cfg, toks, mask, out, shard_size=16, batch_size=16, progress=False, **kw)
+    assert calls["batch"] == 4 and calls["pq"] == 0  # shards 2..5 only (one batch each); the codec was kept
+    ref = stores[kind]
+    assert _files(out) == _files(ref) and "build_state.json" not in _files(out)
+    for f in _files(ref):
+        if f.endswith(".npy"):
+            with open(os.path.join(out, f), "rb") as a, open(os.path.join(ref, f), "rb") as b:
+                assert a.read() == b.read(), f
+    m1, m2 = (json.load(open(os.path.join(d, "manifest.json"))) for d in (out, ref))
+    for m in (m1, m2):
+        m.pop("build_seconds"), m.pop("pq_train_seconds")
+    assert m1 == m2
+    store = open_store(out, p, cfg)
+    np.testing.assert_array_equal(np.asarray(store.load(IDS, cfg).v), np.asarray(open_store(ref).load(IDS, cfg).v))
+    with pytest.raises(KVStoreError, match="already holds a store"):
+        build_store(p, cfg, toks, mask, out, shard_size=16, batch_size=16, progress=False, **kw)
+    build_store(p, cfg, toks, mask, out, shard_size=32, batch_size=16, progress=False, overwrite=True, **kw)
+    assert open_store(out).manifest["n_shards"] == 3 and sorted(os.listdir(os.path.join(out, "shards"))) == \
+        ["00000", "00001", "00002"]
+
+
 # ------------------------------------------------------------------------------------------------ on a run
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, world_dir):
@@ -203,5 +273,59 @@ def test_build_cli_and_evaluation_with_the_store_on_the_synthetic_world(smoke_ru
     r = subprocess.run([sys.executable, "-m", "imprag_jax.evaluate", "--workdir", smoke_run, "--kv_store", old,
                         "--tasks", "qa", "--limit", "4", "--out", str(tmp_path / "e3")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "other weights" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_generate_with_the_store_prints_what_recomputation_prints(smoke_run, tmp_path, capsys, monkeypatch):
+    """The build command interrupted (Ctrl-C after one shard) exits 130 saying how to resume, and the same command
+    then finishes the store. `python -m imprag_jax.generate --workdir RUN --kv_store DIR`: the same retrieved
+    passages and answers as without the store (scores to 2e-2: the stored E_p are the encoded ones to float
+    tolerance); a store of another checkpoint is refused in one line (exit 2)."""
+    from imprag_jax.generate import main as gen_main
+    from imprag_jax.infer import kv_store as KS
+    from imprag_jax.run.session import ImpRAGSession
+
+    out = str(tmp_path / "kv")
+    build = ["build", "--workdir", smoke_run, "--out", out, "--shard_size", "16"]
+    commit = KS._commit_shard
+
+    def interrupt_after_one(tmp, final):
+        if os.path.basename(final) != "00000":
+            raise KeyboardInterrupt
+        commit(tmp, final)
+
+    monkeypatch.setattr(KS, "_commit_shard", interrupt_after_one)
+    with pytest.raises(SystemExit) as e:
+        kv_main(build)
+    assert e.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "manifest.json")) and os.path.isdir(os.path.join(out, "shards", "00000"))
+    monkeypatch.setattr(KS, "_commit_shard", commit)
+    kv_main(build)
+    assert "resuming: 1 of" in capsys.readouterr().err
+    assert open_store(out).manifest["n_shards"] > 1
+    prompts = ["Where was Peimim Makik born ?", "Who employs Peimim Makik ?", "Q: Where was Stavu Stauzouk born? A:"]
+    args = ["--workdir", smoke_run, "--k", "3", "--show", "4", "--max_new_tokens", "6", *prompts]
+
+    def lines(text):  # the score column aside: "  [rank]    score  title: text"
+        return [re.sub(r"^(  \[\d+\]) +-?[\d.]+", r"\1", ln) for ln in text.splitlines()]
+
+    gen_main(args)
+    plain = capsys.readouterr().out
+    gen_main(args + ["--kv_store", out])
+    stored = capsys.readouterr().out
+    assert plain.count("answer:") == 3 and lines(plain) == lines(stored)
+    s0 = ImpRAGSession.from_workdir(smoke_run)
+    s1 = ImpRAGSession.from_workdir(smoke_run, kv_store=out)
+    assert s1.kv_store is not None and s0.kv_store is None
+    r0, r1 = s0.ask(prompts, k=3, max_new_tokens=6), s1.ask(prompts, k=3, max_new_tokens=6)
+    assert s1.retriever.kv_store is s1.kv_store
+    for a, b in zip(r0, r1):
+        assert a["answer"] == b["answer"] and a["ids"] == b["ids"]
+        np.testing.assert_allclose([p[1] for p in a["passages"]], [p[1] for p in b["passages"]], atol=2e-2, rtol=2e-2)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "imprag_jax.generate", "--workdir", smoke_run, "--step", "6",
+                        "--kv_store", out, "hello"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "other weights" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1

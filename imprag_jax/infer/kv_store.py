@@ -38,6 +38,12 @@ Layout of a store folder:
 Shard s holds passages s*shard_size .. (s+1)*shard_size-1 (knowledge-source rows); every array is read through
 `np.load(mmap_mode="r")`, so opening a store reads only the manifest and loading k passages touches only theirs.
 
+The build is resumable: each shard is written into `shards/0000s.tmp/` and renamed to `shards/0000s/` once all
+its arrays are flushed; `build_state.json` (the fingerprint, a digest of the corpus tokens and the build options)
+lists the shards done, and `manifest.json` is written (atomically) only when every shard is, so a folder without
+it is never read as a store. The same command run again after an interruption skips the shards done (and reuses
+the PQ codec); other weights, corpus or options are refused in one line unless --overwrite.
+
     python -m imprag_jax.infer.kv_store build --workdir runs/synthetic --out runs/synthetic/kv [--h2o 0.5] [--pq_m 8]
     python -m imprag_jax.infer.kv_store info runs/synthetic/kv
     python -m imprag_jax.evaluate --workdir runs/synthetic --kv_store runs/synthetic/kv
@@ -247,15 +253,79 @@ def _log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+BUILD_STATE = "build_state.json"  # an unfinished build: its options and the shards already written
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save(path: str, arr) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def corpus_digest(tokens, mask) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for a in (np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(mask, np.int32)):
+        h.update(f"{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def clear_store(out_dir: str) -> None:
+    """Remove what a build writes in `out_dir` (manifest, build state, codec, shards), nothing else."""
+    import shutil
+
+    for f in (MANIFEST, BUILD_STATE, "pq_centroids.npy"):
+        if os.path.exists(os.path.join(out_dir, f)):
+            os.remove(os.path.join(out_dir, f))
+    if os.path.isdir(os.path.join(out_dir, "shards")):
+        shutil.rmtree(os.path.join(out_dir, "shards"))
+
+
+def _commit_shard(tmp_dir: str, final_dir: str) -> None:
+    """A shard becomes visible under its final name only once every file in it is written (one rename)."""
+    os.replace(tmp_dir, final_dir)
+
+
+def _pq_from_centroids(cent):
+    """The ProductQuantizers of stored centroids [n_mid, 2, KV, M, ksub, dsub] (a resumed build codes with them)."""
+    import faiss
+
+    n_mid, _, KV, M, ksub, dsub = cent.shape
+    pqs = {}
+    for li in range(n_mid):
+        for c in range(2):
+            for h in range(KV):
+                pq = faiss.ProductQuantizer(M * dsub, M, PQ_BITS)
+                faiss.copy_array_to_vector(np.ascontiguousarray(cent[li, c, h], np.float32).ravel(), pq.centroids)
+                pqs[li, c, h] = pq
+    return pqs
+
+
 def build_store(params, cfg: ModelConfig, tokens, mask, out_dir: str, *, h2o: Optional[float] = None,
                 pq_m: Optional[int] = None, pq_train: int = 20000, dtype: Optional[str] = None,
                 shard_size: int = 4096, batch_size: int = 64, seed: int = 0, progress: bool = True,
-                h2o_score: str = "sum", faiss_threads: int = 1, log=_log) -> dict:
+                h2o_score: str = "sum", faiss_threads: int = 1, overwrite: bool = False, extra=None,
+                log=_log) -> dict:
     """Write the store of the passages `tokens`/`mask` [N, l_max] (knowledge-source rows) to `out_dir`; returns
     the manifest. dtype: of the stored K/V without PQ (default: float32; float16 halves the bytes). pq_train: token
     vectors each PQ codec is trained on. h2o_score: "sum" (H2O's accumulated attention) or "mean" (divided by the
     number of the passage's queries that see the token, which removes the causal advantage of early tokens); (the build time of a PQ store is mostly this training: faiss k-means,
-    256 centroids per sub-quantizer, one codec per middle layer, K/V and KV head)."""
+    256 centroids per sub-quantizer, one codec per middle layer, K/V and KV head). extra: fields added to the
+    manifest.
+
+    Resumable: shard by shard, each written in a temporary folder and renamed when complete, and recorded in
+    `build_state.json` (the fingerprint, the corpus digest and the options). Run again after an interruption it
+    skips the shards already written (and reuses the PQ codec); with other weights, corpus or options it raises
+    KVStoreError unless `overwrite` (which starts over). `manifest.json`, which `KVStore` needs, is written last."""
     from tqdm import tqdm
 
     check_independent(cfg)
@@ -263,18 +333,46 @@ def build_store(params, cfg: ModelConfig, tokens, mask, out_dir: str, *, h2o: Op
     _check_options(cfg, h2o, pq_m, dtype)
     if h2o_score not in ("sum", "mean"):
         raise KVStoreError(f"h2o_score must be 'sum' or 'mean', got {h2o_score!r}")
-    t_start = time.time()
     tokens, mask = np.asarray(tokens, np.int32), (np.asarray(mask) > 0).astype(np.int32)
     N, L = tokens.shape
     n_mid, KV, D = cfg.t - cfg.b + 1, cfg.num_kv_heads, cfg.head_dim
     fp = store_fingerprint(params, cfg)
     params = jax.tree.map(jnp.asarray, params)
+    n_shards = max(1, -(-N // shard_size))
+    want = {"format": FORMAT, "fingerprint": fp, "corpus": corpus_digest(tokens, mask), "n": int(N), "l_max": int(L),
+            "options": {"h2o": h2o, "h2o_score": h2o_score if h2o is not None else None, "pq_m": pq_m,
+                        "pq_train": int(pq_train) if pq_m else None, "dtype": dtype, "shard_size": int(shard_size),
+                        "seed": int(seed)}}
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, MANIFEST)):
-        os.remove(os.path.join(out_dir, MANIFEST))  # a half-rewritten store must not look complete
+    state_path = os.path.join(out_dir, BUILD_STATE)
+    state = None
+    if overwrite:
+        clear_store(out_dir)
+    elif os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise KVStoreError(f"{out_dir} already holds a store; pass --overwrite to replace it or choose another --out")
+    elif os.path.exists(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+        old = {k: state.get(k) for k in want}
+        if old != want:
+            prev = old["options"] or {}
+            diff = ", ".join(
+                [{"fingerprint": "weights or model config", "corpus": "corpus tokens"}.get(k, k)
+                 for k in want if k != "options" and old[k] != want[k]]
+                + [f"{o} {prev.get(o)} -> {v}" for o, v in want["options"].items() if prev.get(o) != v])
+            raise KVStoreError(f"{out_dir} holds an unfinished build with other weights, corpus or options ({diff}); "
+                               "rerun it with the same ones to resume, or pass --overwrite to start over")
+    elif os.path.isdir(os.path.join(out_dir, "shards")):
+        raise KVStoreError(f"{out_dir} holds shards but no {BUILD_STATE}; pass --overwrite to start over")
+    if state is None:
+        state = dict(want, done=[], build_seconds=0.0, pq_train_seconds=0.0)
+        _atomic_json(state_path, state)
+    done = set(int(s) for s in state["done"])
+    if done:
+        log(f"[kv_store] resuming: {len(done)} of {n_shards} shards already written")
     cent = pqs = None
-    t_pq = 0.0
     omp = None
+    t_pq = 0.0
     if pq_m is not None:
         import faiss
 
@@ -282,68 +380,42 @@ def build_store(params, cfg: ModelConfig, tokens, mask, out_dir: str, *, h2o: Op
         # them made each codec's training 75x slower (3.9 s vs 0.05 s for 512 vectors)
         omp = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(faiss_threads)
-        t0 = time.time()
-        cent, pqs = _train_pq(params, cfg, tokens, mask, pq_m, pq_train, batch_size, seed, log)
-        np.save(os.path.join(out_dir, "pq_centroids.npy"), cent)
-        t_pq = time.time() - t0
-    keep = _n_keep(mask.sum(1), h2o)
-    n_shards = max(1, -(-N // shard_size))
-    shards = []
-    for s in range(n_shards):
-        lo, hi = s * shard_size, min(N, (s + 1) * shard_size)
-        d = os.path.join(out_dir, "shards", f"{s:05d}")
-        os.makedirs(d, exist_ok=True)
-        off = np.zeros(hi - lo + 1, np.int64)
-        off[1:] = np.cumsum(keep[lo:hi])
-        np.save(os.path.join(d, "offsets.npy"), off)
-        T = int(off[-1])
-        om = partial(np.lib.format.open_memmap, mode="w+")
-        arrs = {"pos": om(os.path.join(d, "pos.npy"), dtype=np.int32, shape=(T,)),
-                "e_p": om(os.path.join(d, "e_p.npy"), dtype=np.float32, shape=(hi - lo, cfg.retrieval_dim))}
-        if pq_m is None:
-            for name in ("k", "v"):
-                arrs[name] = om(os.path.join(d, f"{name}.npy"), dtype=np.dtype(dtype), shape=(T, n_mid, KV, D))
+        cpath = os.path.join(out_dir, "pq_centroids.npy")
+        if state.get("pq_trained") and os.path.exists(cpath):
+            cent = np.load(cpath)
+            pqs = _pq_from_centroids(cent)
         else:
-            arrs["codes"] = om(os.path.join(d, "codes.npy"), dtype=np.uint8, shape=(T, n_mid, 2, KV, pq_m))
-        shards.append((lo, hi, off, arrs))
+            t0 = time.time()
+            cent, pqs = _train_pq(params, cfg, tokens, mask, pq_m, pq_train, batch_size, seed, log)
+            _atomic_save(cpath, cent)
+            t_pq = time.time() - t0
+            state["pq_trained"] = True
+            state["pq_train_seconds"] = round(t_pq, 2)
+            _atomic_json(state_path, state)
+    keep = _n_keep(mask.sum(1), h2o)
+    os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
     bar = tqdm(total=N, desc="kv_store", unit="passage", dynamic_ncols=True, mininterval=1.0, disable=not progress)
-    for s, e in _batches(N, batch_size):
-        e_p, k0, v, recv = _run_batch(params, cfg, tokens, mask, s, e, batch_size, h2o is not None)
-        if recv is not None and h2o_score == "mean":  # per query that can see the token (causal: n - p of them)
-            seen = mask[s:e].sum(1, keepdims=True) - (np.cumsum(mask[s:e], 1) - 1)
-            recv = recv / np.maximum(seen, 1)
-        kept = [_kept_columns(mask[i], int(keep[i]), None if recv is None else recv[i - s]) for i in range(s, e)]
-        if pq_m is not None:  # the batch's kept tokens coded together: one faiss call per codec and batch
-            sel = np.concatenate([np.stack([k0[r, c], v[r, c].astype(np.float32)], 2) for r, c in enumerate(kept)])
-            codes = np.zeros((len(sel), n_mid, 2, KV, pq_m), np.uint8)
-            for li in range(n_mid):
-                for c in range(2):
-                    for h in range(KV):
-                        if len(sel):
-                            codes[:, li, c, h] = pqs[li, c, h].compute_codes(np.ascontiguousarray(sel[:, li, c, h]))
-            starts = np.concatenate([[0], np.cumsum([len(c) for c in kept])])
-        for i in range(s, e):
-            lo, hi, off, arrs = shards[i // shard_size]
-            r = i - s
-            cols = kept[r]
-            a, b_ = int(off[i - lo]), int(off[i - lo + 1])
-            arrs["e_p"][i - lo] = e_p[r]
-            pos = np.cumsum(mask[i]) - 1
-            arrs["pos"][a:b_] = pos[cols]
-            if pq_m is None:
-                arrs["k"][a:b_] = k0[r, cols]
-                arrs["v"][a:b_] = v[r, cols]
-            else:
-                arrs["codes"][a:b_] = codes[starts[r]:starts[r + 1]]
-        bar.update(e - s)
+    bar.update(sum(min(N, (s + 1) * shard_size) - s * shard_size for s in done))
+    t_run = time.time()
+    for sh in range(n_shards):
+        lo, hi = sh * shard_size, min(N, (sh + 1) * shard_size)
+        final = os.path.join(out_dir, "shards", f"{sh:05d}")
+        if sh in done and os.path.isdir(final):
+            continue
+        if os.path.isdir(final):  # renamed but not recorded: written completely, recorded now
+            done.add(sh)
+        else:
+            _write_shard(params, cfg, tokens, mask, keep, lo, hi, final, h2o, h2o_score, pq_m, pqs, dtype,
+                         batch_size, bar)
+            done.add(sh)
+        state["done"] = sorted(done)
+        _atomic_json(state_path, state)
     bar.close()
     if omp is not None:
         faiss.omp_set_num_threads(omp)
-    for _, _, _, arrs in shards:
-        for a in arrs.values():
-            a.flush()
-    del shards
-    sizes = [(f, os.path.getsize(os.path.join(dp, f))) for dp, _, fs in os.walk(out_dir) for f in fs]
+    state["build_seconds"] = round(float(state.get("build_seconds", 0.0)) + time.time() - t_run + t_pq, 2)
+    sizes = [(f, os.path.getsize(os.path.join(dp, f))) for dp, _, fs in os.walk(out_dir) for f in fs
+             if f not in (BUILD_STATE, MANIFEST)]
     disk = sum(b for _, b in sizes)
     e_p_bytes = sum(b for f, b in sizes if f == "e_p.npy")
     codec = sum(b for f, b in sizes if f == "pq_centroids.npy")
@@ -362,14 +434,71 @@ def build_store(params, cfg: ModelConfig, tokens, mask, out_dir: str, *, h2o: Op
         "slot_width": int(L if h2o is None else max(1, int(keep.max(initial=0)))),
         "disk_bytes": int(disk), "disk_bytes_per_passage": disk / max(N, 1),
         "kv_bytes_per_passage": kv_bytes / max(N, 1), "e_p_bytes_per_passage": e_p_bytes / max(N, 1),
-        "codec_bytes": int(codec),
-        "build_seconds": round(time.time() - t_start, 2), "pq_train_seconds": round(t_pq, 2),
+        "codec_bytes": int(codec), "corpus": want["corpus"], "seed": int(seed),
+        "build_seconds": state["build_seconds"], "pq_train_seconds": float(state.get("pq_train_seconds", 0.0)),
     }
-    with open(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
+    manifest.update(extra or {})
+    _atomic_json(os.path.join(out_dir, MANIFEST), manifest)
+    os.remove(state_path)
     log(f"[kv_store] {N} passages, {manifest['tokens']} tokens kept of {manifest['real_tokens']}; "
         f"{disk / 2**20:.1f} MiB ({disk / max(N, 1) / 1024:.1f} KiB per passage) in {manifest['build_seconds']:.1f}s")
     return manifest
+
+
+def _write_shard(params, cfg, tokens, mask, keep, lo, hi, final, h2o, h2o_score, pq_m, pqs, dtype, batch_size, bar):
+    """Passages lo..hi-1 into a temporary folder next to `final`, renamed to `final` when every array is flushed."""
+    import shutil
+
+    n_mid, KV, D = cfg.t - cfg.b + 1, cfg.num_kv_heads, cfg.head_dim
+    tmp = f"{final}.tmp"
+    if os.path.isdir(tmp):  # left by an interrupted build
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    off = np.zeros(hi - lo + 1, np.int64)
+    off[1:] = np.cumsum(keep[lo:hi])
+    np.save(os.path.join(tmp, "offsets.npy"), off)
+    T = int(off[-1])
+    om = partial(np.lib.format.open_memmap, mode="w+")
+    arrs = {"pos": om(os.path.join(tmp, "pos.npy"), dtype=np.int32, shape=(T,)),
+            "e_p": om(os.path.join(tmp, "e_p.npy"), dtype=np.float32, shape=(hi - lo, cfg.retrieval_dim))}
+    if pq_m is None:
+        for name in ("k", "v"):
+            arrs[name] = om(os.path.join(tmp, f"{name}.npy"), dtype=np.dtype(dtype), shape=(T, n_mid, KV, D))
+    else:
+        arrs["codes"] = om(os.path.join(tmp, "codes.npy"), dtype=np.uint8, shape=(T, n_mid, 2, KV, pq_m))
+    for s, e in _batches(hi - lo, batch_size):
+        s, e = s + lo, e + lo
+        e_p, k0, v, recv = _run_batch(params, cfg, tokens, mask, s, e, batch_size, h2o is not None)
+        if recv is not None and h2o_score == "mean":  # per query that can see the token (causal: n - p of them)
+            seen = mask[s:e].sum(1, keepdims=True) - (np.cumsum(mask[s:e], 1) - 1)
+            recv = recv / np.maximum(seen, 1)
+        kept = [_kept_columns(mask[i], int(keep[i]), None if recv is None else recv[i - s]) for i in range(s, e)]
+        if pq_m is not None:  # the batch's kept tokens coded together: one faiss call per codec and batch
+            sel = np.concatenate([np.stack([k0[r, c], v[r, c].astype(np.float32)], 2) for r, c in enumerate(kept)])
+            codes = np.zeros((len(sel), n_mid, 2, KV, pq_m), np.uint8)
+            for li in range(n_mid):
+                for c in range(2):
+                    for h in range(KV):
+                        if len(sel):
+                            codes[:, li, c, h] = pqs[li, c, h].compute_codes(np.ascontiguousarray(sel[:, li, c, h]))
+            starts = np.concatenate([[0], np.cumsum([len(c) for c in kept])])
+        for i in range(s, e):
+            r = i - s
+            cols = kept[r]
+            a, b_ = int(off[i - lo]), int(off[i - lo + 1])
+            arrs["e_p"][i - lo] = e_p[r]
+            pos = np.cumsum(mask[i]) - 1
+            arrs["pos"][a:b_] = pos[cols]
+            if pq_m is None:
+                arrs["k"][a:b_] = k0[r, cols]
+                arrs["v"][a:b_] = v[r, cols]
+            else:
+                arrs["codes"][a:b_] = codes[starts[r]:starts[r + 1]]
+        bar.update(e - s)
+    for a in arrs.values():
+        a.flush()
+    del arrs
+    _commit_shard(tmp, final)
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -497,12 +626,14 @@ def _build_cli(a) -> None:
         try:
             man = build_store(params, cfg, toks, mask, a.out, h2o=a.h2o, h2o_score=a.h2o_score, pq_m=a.pq_m,
                               pq_train=a.pq_train, dtype=a.dtype, shard_size=a.shard_size, batch_size=a.batch_size,
-                              progress=cli.stderr_is_terminal())
+                              progress=cli.stderr_is_terminal(), overwrite=a.overwrite,
+                              extra={"checkpoint_step": int(step)})
         except KVStoreError as e:
             cli.fail(str(e))
-    man["checkpoint_step"] = int(step)
-    with open(os.path.join(a.out, MANIFEST), "w") as f:
-        json.dump(man, f, indent=2)
+        except KeyboardInterrupt:
+            print(f"interrupted: the shards written so far are kept in {a.out}; run the same command again to "
+                  "resume", file=sys.stderr, flush=True)
+            sys.exit(130)
     print(f"wrote {a.out}: {man['n']} passages, {man['disk_bytes_per_passage'] / 1024:.1f} KiB per passage, "
           f"{man['build_seconds']:.1f}s")
 
@@ -526,7 +657,9 @@ def main(argv=None):
     b.add_argument("--dtype", default="float32", help="stored K/V dtype without PQ: float32 | float16")
     b.add_argument("--shard_size", type=int, default=4096)
     b.add_argument("--batch_size", type=int, default=64)
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace the store (or the unfinished build) in --out; without it an interrupted build with "
+                        "the same weights, corpus and options resumes")
     i = sub.add_parser("info", help="print a store's manifest")
     i.error = ap.error
     i.add_argument("path")

@@ -1,5 +1,6 @@
 """A trained ImpRAG run, loaded for inference: its config, parameters (latest or a given checkpoint), tokenizer,
-knowledge source and index. Used by `python -m imprag_jax.generate --workdir`.
+knowledge source and index, and optionally a precomputed passage K/V store (`infer/kv_store.py`) that the index's
+E_p and the read passages' middle-group K/V then come from. Used by `python -m imprag_jax.generate --workdir`.
 """
 from __future__ import annotations
 
@@ -16,19 +17,34 @@ from .model import tokenizer as run_tokenizer
 
 
 class ImpRAGSession:
-    def __init__(self, c, params, cfg: ModelConfig, tokenizer, data_dir: str, step: int):
+    def __init__(self, c, params, cfg: ModelConfig, tokenizer, data_dir: str, step: int, kv_store=None):
+        """kv_store: an opened `infer.kv_store.KVStore` of this run's knowledge source, checked against `params`
+        (`from_workdir` opens and checks it)."""
         self.c, self.params, self.cfg, self.tok, self.data_dir, self.step = c, params, cfg, tokenizer, data_dir, step
+        self.kv_store = kv_store
         self._retriever = None
 
     @classmethod
     def from_workdir(cls, workdir: str, step: Optional[int] = None, config=None,
-                     step_flag: str = "--checkpoint") -> "ImpRAGSession":
-        """`step_flag`: the command-line flag that picks a checkpoint (named in a damaged checkpoint's error)."""
+                     step_flag: str = "--checkpoint", kv_store: Optional[str] = None) -> "ImpRAGSession":
+        """`step_flag`: the command-line flag that picks a checkpoint (named in a damaged checkpoint's error).
+        kv_store: a store folder (`python -m imprag_jax.infer.kv_store build`); RunError (one line) when it cannot
+        serve these weights (other weights or config, a joint-attention model, no store there)."""
         c = config if config is not None else load_run_config(workdir)
         params, step, cfg = restore_params(workdir, step, step_flag=step_flag)
         data_dir = existing_data_dir(c, workdir)
         tok = run_tokenizer(c, data_dir)
-        return cls(c, jax.tree.map(jax.numpy.asarray, params), cfg, tok, data_dir, step)
+        params = jax.tree.map(jax.numpy.asarray, params)
+        store = None
+        if kv_store:
+            from ..infer.kv_store import KVStoreError, open_store
+            from .config import RunError
+
+            try:
+                store = open_store(kv_store, params, cfg)
+            except KVStoreError as e:
+                raise RunError(str(e)) from None
+        return cls(c, params, cfg, tok, data_dir, step, kv_store=store)
 
     def passage_texts(self) -> List[str]:
         from ..infer.imprag import passage_texts
@@ -40,8 +56,19 @@ class ImpRAGSession:
         from ..infer.imprag import Retriever
 
         toks, mask = corpus_tokens(self.data_dir, self.tok, self.c.data.l_max)
-        self._retriever = Retriever.build(self.params, self.cfg, toks, mask, self.passage_texts(), step=self.step,
-                                          backend=backend or self.c.eval.backend, progress=progress)
+        if self.kv_store is not None:  # the index from the stored E_p; K/V loaded after each search
+            from ..infer.kv_store import KVStoreError
+            from .config import RunError
+
+            try:
+                self._retriever = Retriever.from_kv_store(self.kv_store, toks, mask, self.passage_texts(),
+                                                          step=self.step, backend=backend or self.c.eval.backend)
+            except KVStoreError as e:  # a store of another corpus (passage count, l_max)
+                raise RunError(str(e)) from None
+        else:
+            self._retriever = Retriever.build(self.params, self.cfg, toks, mask, self.passage_texts(),
+                                              step=self.step, backend=backend or self.c.eval.backend,
+                                              progress=progress)
         return self._retriever
 
     @property
