@@ -42,7 +42,7 @@ flags.DEFINE_string("split", None, "Split (default: eval.split).")
 flags.DEFINE_integer("batch_size", None, "Prompts per batch (default: eval.batch_size).")
 flags.DEFINE_integer("max_new_tokens", None, "Greedy decoding length (default: eval.max_new_tokens).")
 flags.DEFINE_string("backend", None, "Index search: exact|binned|approx|scann (default: eval.backend).")
-flags.DEFINE_string("kv_store", None, "A passage K/V store folder (python -m imprag_jax.infer.kv_store build): "
+flags.DEFINE_string("kv_store", None, "A passage K/V store folder (python -m imprag_jax.kv_store build): "
                     "mode imprag loads the retrieved passages' middle-group K/V from it (independent passage "
                     "attention only).")
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")

@@ -252,7 +252,7 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
         max_new_tokens=None, backend=None, out_dir=None, predictions=False, plot=True, progress=True,
         kv_store: Optional[str] = None) -> dict:
     """Evaluate the run in `workdir` (config `c`, or its config.json when None); write the report; return it.
-    kv_store: a passage K/V store folder (`python -m imprag_jax.infer.kv_store build`) to read passages from."""
+    kv_store: a passage K/V store folder (`python -m imprag_jax.kv_store build`) to read passages from."""
     from tqdm import tqdm
 
     from .data.pipeline import available_tasks

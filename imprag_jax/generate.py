@@ -13,7 +13,7 @@ the retrieved passages (rank, score, title, text) and answers reading the top k 
 answered in batches). Prompts are used as given; `--template TYPE` wraps each in the training template of that
 task type (qa, fact_verification, slot_filling ("entity [SEP] relation"), entity_linking, ...).
 `--kv_store DIR` (a model with independent passage attention): the index's E_p and the read passages' middle-group
-K/V come from a store built by `python -m imprag_jax.infer.kv_store build` for the same checkpoint, so no passage
+K/V come from a store built by `python -m imprag_jax.kv_store build` for the same checkpoint, so no passage
 runs through the model (the answers are those of recomputation; a store of other weights is refused in one line).
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main(argv=None):
     ap.add_argument("--show", type=int, default=5, help="retrieved passages to print")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--kv_store", default=None,
-                    help="--workdir: read passages' K/V and E_p from this store (python -m imprag_jax.infer.kv_store "
+                    help="--workdir: read passages' K/V and E_p from this store (python -m imprag_jax.kv_store "
                          "build; independent passage attention only)")
     args = ap.parse_args(argv)
     if args.kv_store and not args.workdir:

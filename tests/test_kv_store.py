@@ -14,7 +14,8 @@ import pytest
 
 from conftest import ROOT, config_module
 from imprag_jax.infer.imprag import Retriever, answer, read_passages
-from imprag_jax.infer.kv_store import KVStoreError, build_store, main as kv_main, open_store
+from imprag_jax.infer.kv_store import KVStoreError, build_store, open_store
+from imprag_jax.kv_store import main as kv_main
 from imprag_jax.model import ModelConfig, init_params
 from imprag_jax.model.transformer import logits_from_hidden, prompt_offset, prompt_through, run_bottom
 
@@ -236,7 +237,7 @@ def smoke_run(tmp_path_factory, world_dir):
     c.data.dir = world_dir
     c.data.prefetch = 0
     c.train.update(dict(ckpt_every=6, stages="warmup"))
-    c.eval.modes = ""
+    c.eval.modes = []
     wd = str(tmp_path_factory.mktemp("kvrun") / "run")
     train(c, wd)
     return wd

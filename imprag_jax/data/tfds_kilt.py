@@ -7,7 +7,7 @@ A prepared data folder (`imprag_jax.data.prepare`, `imprag_jax.data.synthetic`) 
 ``imprag_kilt-{split}.array_record-*`` file set per split). Splits:
 
     {task}__{split}   one JSON record per example, in task-file order: exactly the bytes
-                      `imprag_jax.data.pipeline.iter_task_records` yields (and ``records/*.array_record`` holds)
+                      `imprag_jax.data.records.iter_task_records` yields (and ``records/*.array_record`` holds)
     passages          the lines of ``passages.jsonl`` (the knowledge source), in file order
 
 Every split has one feature, ``record`` (``tfds.features.Text``; read back as UTF-8 bytes). Shuffling is off
@@ -44,7 +44,7 @@ def split_name(task: str, split: str) -> str:
 def _builder_class():
     import tensorflow_datasets as tfds
 
-    from imprag_jax.data import pipeline as P
+    from imprag_jax.data import records as P
 
     class ImpragKilt(tfds.core.GeneratorBasedBuilder):
         """Prepared ImpRAG task splits (one JSON record per example) and the knowledge source."""
@@ -164,7 +164,7 @@ def check_fresh(data_dir: str, dataset_dir: str) -> None:
     pseudo-label or passage files, or was written for another records version (a bucket path is not checked)."""
     import json
 
-    from imprag_jax.data.pipeline import RECORDS_VERSION
+    from imprag_jax.data.records import RECORDS_VERSION
 
     info = os.path.join(str(dataset_dir), "dataset_info.json")
     if not os.path.exists(info):

@@ -44,8 +44,8 @@ lists the shards done, and `manifest.json` is written (atomically) only when eve
 it is never read as a store. The same command run again after an interruption skips the shards done (and reuses
 the PQ codec); other weights, corpus or options are refused in one line unless --overwrite.
 
-    python -m imprag_jax.infer.kv_store build --workdir runs/synthetic --out runs/synthetic/kv [--h2o 0.5] [--pq_m 8]
-    python -m imprag_jax.infer.kv_store info runs/synthetic/kv
+    python -m imprag_jax.kv_store build --workdir runs/synthetic --out runs/synthetic/kv [--h2o 0.5] [--pq_m 8]
+    python -m imprag_jax.kv_store info runs/synthetic/kv
     python -m imprag_jax.evaluate --workdir runs/synthetic --kv_store runs/synthetic/kv
 
 A store built from other weights or another config (the fingerprint differs) is refused with one line; a model
@@ -186,7 +186,7 @@ def _n_keep(n_real: np.ndarray, h2o: Optional[float]) -> np.ndarray:
 PQ_BITS = 8  # one byte per code: faiss packs codes of fewer bits, the store keeps one uint8 per sub-vector
 
 
-def _check_options(cfg, h2o, pq_m, dtype):
+def check_options(cfg, h2o, pq_m, dtype):
     if h2o is not None and not 0.0 < h2o <= 1.0:
         raise KVStoreError(f"h2o keeps a ratio of each passage's tokens: it must be in (0, 1], got {h2o}")
     if pq_m is not None:
@@ -330,7 +330,7 @@ def build_store(params, cfg: ModelConfig, tokens, mask, out_dir: str, *, h2o: Op
 
     check_independent(cfg)
     dtype = dtype or "float32"
-    _check_options(cfg, h2o, pq_m, dtype)
+    check_options(cfg, h2o, pq_m, dtype)
     if h2o_score not in ("sum", "mean"):
         raise KVStoreError(f"h2o_score must be 'sum' or 'mean', got {h2o_score!r}")
     tokens, mask = np.asarray(tokens, np.int32), (np.asarray(mask) > 0).astype(np.int32)
@@ -509,7 +509,7 @@ class KVStore:
         mp = os.path.join(path, MANIFEST)
         if not os.path.isfile(mp):
             raise KVStoreError(f"no passage K/V store at {path} (no {MANIFEST}; build one with "
-                               "python -m imprag_jax.infer.kv_store build)")
+                               "python -m imprag_jax.kv_store build)")
         with open(mp) as f:
             self.manifest = m = json.load(f)
         if m.get("format") != FORMAT:
@@ -533,7 +533,7 @@ class KVStore:
         if fp != self.fingerprint:
             raise KVStoreError(f"the passage K/V store {self.path} was built from other weights or another model "
                                f"config (fingerprint {self.fingerprint}, this model {fp}); rebuild it with "
-                               "python -m imprag_jax.infer.kv_store build")
+                               "python -m imprag_jax.kv_store build")
 
     def _shard(self, s: int) -> dict:
         if s not in self._shards:
@@ -602,78 +602,3 @@ def open_store(path: str, params=None, cfg: Optional[ModelConfig] = None) -> KVS
     if params is not None and cfg is not None:
         store.check(params, cfg)
     return store
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def _build_cli(a) -> None:
-    from .. import cli
-    from .. import run as R
-    from ..data.pipeline import corpus_tokens
-
-    if os.path.exists(os.path.join(a.out, MANIFEST)) and not a.overwrite:
-        cli.fail(f"{a.out} already holds a store; pass --overwrite to replace it or choose another --out")
-    try:
-        c = R.load_run_config(a.workdir)
-        params, step, cfg = R.restore_params(a.workdir, a.checkpoint)
-        check_independent(cfg)
-        _check_options(cfg, a.h2o, a.pq_m, a.dtype)
-        data_dir = R.existing_data_dir(c, a.workdir)
-        tok = R.tokenizer(c, data_dir)
-    except (R.RunError, KVStoreError) as e:
-        cli.fail(str(e))
-    toks, mask = corpus_tokens(data_dir, tok, c.data.l_max)
-    with cli.remove_if_unused(a.out):
-        try:
-            man = build_store(params, cfg, toks, mask, a.out, h2o=a.h2o, h2o_score=a.h2o_score, pq_m=a.pq_m,
-                              pq_train=a.pq_train, dtype=a.dtype, shard_size=a.shard_size, batch_size=a.batch_size,
-                              progress=cli.stderr_is_terminal(), overwrite=a.overwrite,
-                              extra={"checkpoint_step": int(step)})
-        except KVStoreError as e:
-            cli.fail(str(e))
-        except KeyboardInterrupt:
-            print(f"interrupted: the shards written so far are kept in {a.out}; run the same command again to "
-                  "resume", file=sys.stderr, flush=True)
-            sys.exit(130)
-    print(f"wrote {a.out}: {man['n']} passages, {man['disk_bytes_per_passage'] / 1024:.1f} KiB per passage, "
-          f"{man['build_seconds']:.1f}s")
-
-
-def main(argv=None):
-    from .. import cli
-
-    ap = cli.ArgumentParser(prog="python -m imprag_jax.infer.kv_store",
-                            description="Precomputed passage K/V (independent passage attention only).")
-    sub = ap.add_subparsers(dest="cmd")
-    b = sub.add_parser("build", help="write the store of a run's corpus")
-    b.error = ap.error
-    b.add_argument("--workdir", required=True, help="the training run")
-    b.add_argument("--out", required=True, help="the store folder")
-    b.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
-    b.add_argument("--h2o", type=float, default=None, help="keep this ratio of each passage's tokens (H2O)")
-    b.add_argument("--h2o_score", default="sum", choices=("sum", "mean"),
-                   help="H2O token score: accumulated attention received (sum) or per query that sees it (mean)")
-    b.add_argument("--pq_m", type=int, default=None, help="product quantization: sub-vectors per head vector")
-    b.add_argument("--pq_train", type=int, default=20000, help="token vectors to train each PQ codec on")
-    b.add_argument("--dtype", default="float32", help="stored K/V dtype without PQ: float32 | float16")
-    b.add_argument("--shard_size", type=int, default=4096)
-    b.add_argument("--batch_size", type=int, default=64)
-    b.add_argument("--overwrite", action="store_true",
-                   help="replace the store (or the unfinished build) in --out; without it an interrupted build with "
-                        "the same weights, corpus and options resumes")
-    i = sub.add_parser("info", help="print a store's manifest")
-    i.error = ap.error
-    i.add_argument("path")
-    a = ap.parse_args(argv)
-    if a.cmd == "build":
-        _build_cli(a)
-    elif a.cmd == "info":
-        try:
-            print(json.dumps(KVStore(a.path).manifest, indent=2))
-        except KVStoreError as e:
-            cli.fail(str(e))
-    else:
-        ap.error("choose a command: build or info")
-
-
-if __name__ == "__main__":
-    main()

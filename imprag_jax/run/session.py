@@ -28,7 +28,7 @@ class ImpRAGSession:
     def from_workdir(cls, workdir: str, step: Optional[int] = None, config=None,
                      step_flag: str = "--checkpoint", kv_store: Optional[str] = None) -> "ImpRAGSession":
         """`step_flag`: the command-line flag that picks a checkpoint (named in a damaged checkpoint's error).
-        kv_store: a store folder (`python -m imprag_jax.infer.kv_store build`); RunError (one line) when it cannot
+        kv_store: a store folder (`python -m imprag_jax.kv_store build`); RunError (one line) when it cannot
         serve these weights (other weights or config, a joint-attention model, no store there)."""
         c = config if config is not None else load_run_config(workdir)
         params, step, cfg = restore_params(workdir, step, step_flag=step_flag)
