@@ -127,14 +127,18 @@ def check(c, stages=("warmup", "distill"), log=print) -> dict:
                      "vocab": cfg.vocab_size, "tie_embeddings": cfg.tie_embeddings, "dtype": cfg.dtype,
                      "remat": cfg.remat},
            "batch": {"global": shapes["tokens"][0][0], "L": shapes["tokens"][0][1], "k": k_read,
-                     "l_max": c.data.l_max, "accum": T.accum, "teacher_chunks": T.teacher_chunks},
+                     "l_max": c.data.l_max, "accum": T.accum, "teacher_chunks": T.teacher_chunks,
+                     "free": shapes["free_tokens"][0][0] if "free_tokens" in shapes else 0,
+                     "L_free": shapes["free_tokens"][0][1] if "free_tokens" in shapes else 0},
            "arithmetic": {"param_bytes": param_b, "opt_bytes": opt_b, "batch_bytes": batch_b,
                           "param_shards": n_shard, "param_bytes_formula": 4.0 * P / n_shard,
                           "opt_bytes_formula": 8.0 * P / n_shard},
            "stages": {}}
     log(f"[compile_check] {c.name}: {P / 1e9:.3f}B params, {cfg.num_layers} layers (b={cfg.b}, t={cfg.t}), "
         f"mesh {dict(mesh.shape)} on {n_dev} {jax.default_backend()} devices; global batch "
-        f"{rep['batch']['global']} x {rep['batch']['L']} tokens + {k_read} x {c.data.l_max} passage tokens")
+        f"{rep['batch']['global']} x {rep['batch']['L']} tokens + {k_read} x {c.data.l_max} passage tokens"
+        + (f", {rep['batch']['free']} retrieval-free rows x {rep['batch']['L_free']} tokens"
+           if rep["batch"]["free"] else ""))
     log(f"[compile_check] arithmetic per device: parameters {param_b / GIB:.3f} GiB (4P/{n_shard} = "
         f"{4 * P / n_shard / GIB:.3f}), AdamW state {opt_b / GIB:.3f} GiB (8P/{n_shard} = "
         f"{8 * P / n_shard / GIB:.3f}), batch {batch_b / 2**20:.2f} MiB")

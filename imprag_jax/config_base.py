@@ -36,8 +36,10 @@ def base_config() -> mlc.ConfigDict:
     c.seed = 0
     # model: `init` = "random" | "smollm2" | an HF dir | a .gguf file, and every ModelConfig field. The shape fields
     # (None here) must be set for a random init (vocab_size None = the tokenizer's size); a pretrained init takes
-    # them, and every other architecture field, from the checkpoint: a value a config sets must agree with it
-    model = dict(init="random")
+    # them, and every other architecture field, from the checkpoint: a value a config sets must agree with it.
+    # `tokenizer` (random init only): "" = the data folder's tokenizer.json (the synthetic world's), else
+    # "smollm2" | a .gguf file | an HF dir with tokenizer.json, whose tokenizer a random init reads real text with
+    model = dict(init="random", tokenizer="")
     for f in dataclasses.fields(ModelConfig):
         model[f.name] = None if f.name in ARCHITECTURE else f.default
     c.model = mlc.ConfigDict(model)

@@ -216,6 +216,31 @@ def test_smollm2_tokenizer_without_the_weights(monkeypatch):
     assert tok.decode(tok.encode("The capital of France is Paris.")) == "The capital of France is Paris."
 
 
+@pytest.mark.data
+def test_random_init_reads_text_with_the_named_tokenizer(monkeypatch, world_dir):
+    """model.tokenizer gives a random init a pretrained tokenizer (the Llama-3 smoke configs: SmolLM2's over the
+    mini-KILT); unset, the data folder's; with a pretrained init, or naming nothing usable, a config error."""
+    from imprag_jax.convert.fetch import smollm2_path
+
+    if smollm2_path() is None:
+        pytest.skip("SmolLM2 GGUF not cached (python -m imprag_jax.convert.fetch smollm2)")
+    _no_model_loading(monkeypatch)
+    c = load_config("llama3_2_3b.py:smoke")
+    assert c.model.init == "random" and c.model.tokenizer == "smollm2" and c.model.vocab_size is None
+    tok = R.tokenizer(c, None)
+    assert tok.vocab_size == 49152 and R.model_config(c, tok.vocab_size).vocab_size == 49152
+    c = load_config("synthetic.py:smoke")
+    assert R.tokenizer(c, world_dir).vocab_size < 49152  # the world's word-level vocabulary
+    c = load_config("smollm2.py:smoke")
+    c.model.tokenizer = "smollm2"
+    with pytest.raises(ConfigError, match="model.tokenizer='smollm2' is for a random init"):
+        R.tokenizer(c, None)
+    c = load_config("synthetic.py:smoke")
+    c.model.tokenizer = "no_such_tokenizer"
+    with pytest.raises(ConfigError, match="expected 'smollm2', a .gguf file or a directory"):
+        R.tokenizer(c, world_dir)
+
+
 def test_one_setup_for_the_trainer_and_compile_check(world_dir):
     from imprag_jax.data.pipeline import TrainBatches
     from imprag_jax.train.setup import build, config_batch_shapes, probe_batch_shapes

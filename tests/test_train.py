@@ -254,15 +254,37 @@ def test_training_with_candidates_from_the_models_own_index(world_dir, tmp_path)
     assert all(r["mined_per_example"] > 1.5 for r in rows if "mined_per_example" in r)
 
 
-@pytest.mark.parametrize("config", ["llama3_2_3b.py:smoke", "llama3_1_8b.py:smoke"])
-def test_llama3_smoke_configs_run(config, tmp_path, world_dir):
-    """The paper-scale configs' structure (GQA ratio, llama3 rope scaling, tied/untied, remat, accumulation)
-    at toy size on the CPU."""
-    r = _cli(["--config", f"configs/{config}", "--workdir", str(tmp_path / "w"), f"--config.data.dir={world_dir}"],
-             timeout=900)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    res = json.load(open(tmp_path / "w" / "eval" / "final.json"))
-    assert res["step"] == 3
+def test_llama3_smoke_configs_train_and_evaluate_on_the_minikilt(tmp_path, shared_data):
+    """The paper-scale configs' structure (GQA ratio, llama3 rope scaling, tied/untied, remat, accumulation) and
+    data (NQ + SQuAD retrieval rows, retrieval-free rows) at toy size on the CPU: the 3B smoke prepares the
+    mini-KILT in its workdir, the 8B smoke reads that folder; both end with a row per evaluation task, the
+    unseen formats included (the 8B only those, to save time)."""
+    from imprag_jax.convert.fetch import smollm2_path
+
+    if smollm2_path() is None:
+        pytest.skip("SmolLM2 GGUF not fetched (python -m imprag_jax.convert.fetch smollm2): the smoke's tokenizer")
+    data, unseen = None, ["hotpotqa", "trex", "scifact"]
+    for config, tasks in (("llama3_2_3b.py:smoke", ["nq", "squad"] + unseen), ("llama3_1_8b.py:smoke", unseen)):
+        wd = tmp_path / config.split(".")[0]
+        where = [f"--config.data.dir={data}"] if data else [f"--config.data.source={shared_data}"]
+        r = _cli(["--config", f"configs/{config}", "--workdir", str(wd), "--config.eval.tasks=" + ",".join(tasks)]
+                 + where, timeout=900)
+        assert r.returncode == 0, (config, r.stdout[-3000:], r.stderr[-3000:])
+        data = data or wd / "data"
+        assert (data / "passages.jsonl").is_file()
+        rows = [json.loads(x) for x in open(wd / "metrics.jsonl")]
+        train_rows = [x for x in rows if "loss" in x]
+        assert [x["stage"] for x in train_rows] == ["warmup", "distill", "distill"]
+        assert all(np.isfinite(x["loss"]) and x["gen_nll"] > 0 for x in train_rows)
+        cfg = json.load(open(wd / "config.json"))
+        assert cfg["model"]["tokenizer"] == "smollm2" and cfg["data"]["free_batch_size"] > 0
+        res = json.load(open(wd / "eval" / "final.json"))
+        assert res["step"] == 3
+        final = {x["task"]: x for x in res["eval"] if x["mode"] == "imprag"}
+        assert list(final) == tasks
+        for task in unseen:
+            assert final[task]["n"] == 4 and final[task]["k"] == 4
+        assert "accuracy" in final["scifact"] and "em" in final["hotpotqa"]
 
 
 def test_smollm2_smoke_config_runs(tmp_path, shared_data):

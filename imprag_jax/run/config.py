@@ -72,6 +72,7 @@ def model_config(c, vocab_size: Optional[int] = None, base: Optional[ModelConfig
     is a ConfigError."""
     m = dict(c.model)
     m.pop("init", None)
+    m.pop("tokenizer", None)  # what the run reads text with (run/model.py), not a model field
     if m.get("rope_scaling") is not None and hasattr(m["rope_scaling"], "to_dict"):
         m["rope_scaling"] = m["rope_scaling"].to_dict()
     for k, unset in (("head_dim", 0), ("prompt_offset", -1), ("vocab_size", 0)):  # older runs' "unset" values
