@@ -295,14 +295,9 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     import jax
 
     params = jax.tree.map(jax.numpy.asarray, params)
-    store = None
-    if kv_store:
-        from .infer.kv_store import KVStoreError, open_store
+    from .run.session import open_kv_store
 
-        try:
-            store = open_store(kv_store, params, cfg)
-        except KVStoreError as e:
-            raise R.RunError(str(e)) from None
+    store = open_kv_store(kv_store, params, cfg)
     t0 = time.time()
     total = sum(count_examples(data_dir, t, split, limit) for t in tasks) * len(modes)
     bar = tqdm(total=total, desc="evaluate", unit="ex", dynamic_ncols=True, mininterval=1.0,

@@ -59,3 +59,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.data)
+
+
+# The start of a subprocess script (`run_with_devices`) on a tiny model of the synthetic config over the world at
+# "WORLD" (replace it with the folder): `c`, `tok`, `cfg`; the script sets the batch sizes it needs.
+TINY_SYNTHETIC = r"""
+import dataclasses, sys, jax, jax.numpy as jnp, numpy as np
+from configs import synthetic
+from imprag_jax import run
+from imprag_jax.data.pipeline import TrainBatches, corpus_tokens, load_tokenizer
+from imprag_jax.model.sharding import make_mesh
+from imprag_jax.train import config_lib
+from imprag_jax.train.state import compile_step, create_state
+from imprag_jax.train.step import make_optimizer, step_keys
+assert jax.device_count() == 8
+c = synthetic.get_config()
+c.data.dir = "WORLD"
+c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0))
+tok = load_tokenizer("WORLD")
+cfg = run.model_config(c, tok.vocab_size)
+"""

@@ -39,3 +39,15 @@ def greedy_recompute(params, cfg: ModelConfig, prompt: Sequence[int], max_new_to
         out.append(nxt)
         seq.append(nxt)
     return out
+
+
+def mining_case(n_passages: int, dim: int = 4, length: int = 3, queries: int = 2, seed: int = 0):
+    """A small corpus for tests of candidate mining: (passage embeddings [N, D], query embeddings [Q, D], each
+    query's passages best first [Q, N], passage tokens [N, length] (row i holds i*length..))."""
+    rng = np.random.RandomState(seed)
+    emb = rng.randn(n_passages, dim).astype(np.float32)
+    e_q = rng.randn(queries, dim).astype(np.float32)
+    order = np.argsort(-(e_q @ emb.T), axis=1)
+    toks = np.arange(n_passages * length, dtype=np.int32).reshape(n_passages, length)
+    return emb, e_q, order, toks
+

@@ -9,12 +9,10 @@ import numpy as np
 def test_mined_negatives_skip_the_rows_excluded_passages():
     from imprag_jax.train.step import StepConfig, mine_from_index
 
+    from oracles import mining_case
+
     N, D, l = 16, 4, 3
-    rng = np.random.RandomState(0)
-    emb = rng.randn(N, D).astype(np.float32)
-    e_q = rng.randn(2, D).astype(np.float32)
-    order = np.argsort(-(e_q @ emb.T), axis=1)
-    toks = np.arange(N * l, dtype=np.int32).reshape(N, l)
+    emb, e_q, order, toks = mining_case(N, D, l)
     ids = np.array([[order[0, 9], order[0, 10], order[0, 11], order[0, 12]],
                     [order[1, 9], order[1, 10], order[1, 11], order[1, 12]]], np.int32)
     # row 0 must not get its three best passages (e.g. gold not among the candidates, answer-containing); row 1

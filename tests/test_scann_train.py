@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_with_devices
+from conftest import TINY_SYNTHETIC, run_with_devices
 
 pytest.importorskip("scann")
 
@@ -117,26 +117,13 @@ def test_training_mines_with_scann_and_skips_gold_and_answer_passages(world_dir,
     assert n_mined >= 4 * 8 * 1.5
 
 
-SHARDED = r"""
-import dataclasses, sys, jax, jax.numpy as jnp, numpy as np
-sys.path.insert(0, "CONFIGS")
-import synthetic
-from imprag_jax.data.pipeline import TrainBatches, corpus_tokens, load_tokenizer
-from imprag_jax.model.sharding import make_mesh
-from imprag_jax import run
+SHARDED = TINY_SYNTHETIC + r"""
 from imprag_jax.retrieval import scann_backend
 from imprag_jax.retrieval.scann_backend import ScannIndex, publish
-from imprag_jax.train import config_lib, step as step_mod
-from imprag_jax.train.state import compile_step, create_state, index_specs
-from imprag_jax.train.step import make_optimizer, step_keys
+from imprag_jax.train import step as step_mod
+from imprag_jax.train.state import index_specs
 from imprag_jax.retrieval.index import padded_rows
-assert jax.device_count() == 8
-c = synthetic.get_config()
-c.data.dir = "WORLD"
-c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0))
 c.data.update(dict(batch_size=8, free_batch_size=0, prefetch=0))
-tok = load_tokenizer("WORLD")
-cfg = run.model_config(c, tok.vocab_size)
 bcfg = dataclasses.replace(run.batch_config(c), mined_exclude=64)
 data = TrainBatches("WORLD", tok, bcfg, prefetch=0)
 batches = [data.batch(i) for i in range(2)]
@@ -208,7 +195,7 @@ print("OK")
 
 @pytest.mark.slow
 def test_sharded_step_with_scann_callback_mines_the_same_candidates(world_dir):
-    out = run_with_devices(SHARDED.replace("WORLD", world_dir).replace("CONFIGS", os.path.join(ROOT, "configs")), 8,
+    out = run_with_devices(SHARDED.replace("WORLD", world_dir), 8,
                            timeout=900)
     assert "OK" in out, out
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, config_module, run_with_devices
+from conftest import ROOT, TINY_SYNTHETIC, config_module, run_with_devices
 
 pytestmark = pytest.mark.slow
 
@@ -127,22 +127,8 @@ def test_self_distillation_moves_p_r_toward_p_t(world_dir):
     assert final[0.0] > 0.02 and final[10.0] < 0.3 * final[0.0], final
 
 
-SHARDED = r"""
-import sys, jax, jax.numpy as jnp, numpy as np
-from configs import synthetic
-from imprag_jax.data.pipeline import TrainBatches, load_tokenizer
-from imprag_jax.model.sharding import make_mesh
-from imprag_jax import run
-from imprag_jax.train import config_lib
-from imprag_jax.train.state import compile_step, create_state
-from imprag_jax.train.step import make_optimizer, step_keys
-assert jax.device_count() == 8
-c = synthetic.get_config()
-c.data.dir = "WORLD"
-c.model.update(dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, embed_scale=8.0))
+SHARDED = TINY_SYNTHETIC + r"""
 c.data.update(dict(batch_size=12, free_batch_size=4, prefetch=0))
-tok = load_tokenizer("WORLD")
-cfg = run.model_config(c, tok.vocab_size)
 sc = config_lib.step_config(c)
 data = TrainBatches("WORLD", tok, run.batch_config(c), prefetch=0)
 batches = [data.batch(i) for i in range(2)]
@@ -218,12 +204,10 @@ def test_synthetic_smoke_config_runs_end_to_end(tmp_path):
 def test_mined_candidates_replace_negatives_with_the_best_new_passages():
     from imprag_jax.train.step import StepConfig, mine_from_index
 
+    from oracles import mining_case
+
     N, D, l = 12, 4, 3
-    rng = np.random.RandomState(0)
-    emb = rng.randn(N, D).astype(np.float32)
-    e_q = rng.randn(2, D).astype(np.float32)
-    order = np.argsort(-(e_q @ emb.T), axis=1)
-    toks = np.arange(N * l, dtype=np.int32).reshape(N, l)
+    emb, e_q, order, toks = mining_case(N, D, l)
     ids = np.array([[order[0, 0], order[0, 5], order[0, 7], order[0, 9]],
                     [order[1, 3], order[1, 1], order[1, 8], order[1, 2]]], np.int32)
     batch = {"passage_ids": jnp.asarray(ids), "positives": jnp.asarray([[1, 0, 0, 0], [0, 1, 0, 0]]),

@@ -16,6 +16,20 @@ from .data import existing_data_dir
 from .model import tokenizer as run_tokenizer
 
 
+def open_kv_store(path: Optional[str], params, cfg: ModelConfig):
+    """The passage K/V store at `path` (None when not given), checked against these weights; RunError (one line)
+    when it cannot serve them (other weights or config, a joint-attention model, no store there)."""
+    if not path:
+        return None
+    from ..infer.kv_store import KVStoreError, open_store
+    from .config import RunError
+
+    try:
+        return open_store(path, params, cfg)
+    except KVStoreError as e:
+        raise RunError(str(e)) from None
+
+
 class ImpRAGSession:
     def __init__(self, c, params, cfg: ModelConfig, tokenizer, data_dir: str, step: int, kv_store=None):
         """kv_store: an opened `infer.kv_store.KVStore` of this run's knowledge source, checked against `params`
@@ -35,16 +49,7 @@ class ImpRAGSession:
         data_dir = existing_data_dir(c, workdir)
         tok = run_tokenizer(c, data_dir)
         params = jax.tree.map(jax.numpy.asarray, params)
-        store = None
-        if kv_store:
-            from ..infer.kv_store import KVStoreError, open_store
-            from .config import RunError
-
-            try:
-                store = open_store(kv_store, params, cfg)
-            except KVStoreError as e:
-                raise RunError(str(e)) from None
-        return cls(c, params, cfg, tok, data_dir, step, kv_store=store)
+        return cls(c, params, cfg, tok, data_dir, step, kv_store=open_kv_store(kv_store, params, cfg))
 
     def passage_texts(self) -> List[str]:
         from ..infer.imprag import passage_texts
