@@ -238,6 +238,36 @@ def test_training_with_candidates_from_the_models_own_index(world_dir, tmp_path)
     assert all(r["mined_per_example"] > 1.5 for r in rows if "mined_per_example" in r)
 
 
+def test_resume_between_index_refreshes_mines_from_the_checkpointed_index(world_dir, tmp_path):
+    """Negatives mined from the model's own index (refreshed at steps 0, 4, 8): a run stopped at step 6 keeps the
+    index of step 4 in its checkpoint and the resumed run mines from it (not from one encoded with the parameters
+    of step 6), so its losses and final parameters equal the uninterrupted run's."""
+    from imprag_jax import run as R
+    from imprag_jax.train.trainer import train
+
+    kw = dict(stages="warmup", steps=12, candidates="mixed", index_negatives=2, refresh_every=4)
+    full = train(tiny_config(world_dir, **kw), str(tmp_path / "full"))
+    assert full["step"] == 12
+    part = train(tiny_config(world_dir, stop_at_step=6, **kw), str(tmp_path / "resumed"))
+    assert part["step"] == 6 and part["stopped_early"] is True
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(R.checkpoint.checkpoint_dir(str(tmp_path / "resumed")), item_names=R.checkpoint.ITEMS)
+    meta = mngr.restore(6, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    mngr.close()
+    assert meta["index"]["step"] == 4 and meta["index"]["config_hash"]  # the index of the last refresh
+    rest = train(tiny_config(world_dir, **kw), str(tmp_path / "resumed"))
+    assert rest["step"] == 12
+    a, b = _losses(str(tmp_path / "full")), _losses(str(tmp_path / "resumed"))
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for s in range(1, 13):
+        assert a[s] == b[s], (s, a[s], b[s])  # bit-exact on CPU
+    pa, sa, _ = R.restore_params(str(tmp_path / "full"))
+    pb, sb, _ = R.restore_params(str(tmp_path / "resumed"))
+    assert sa == sb == 12
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
 def test_llama3_smoke_configs_train_and_evaluate_on_the_minikilt(tmp_path, shared_data):
     """The paper-scale configs' structure (GQA ratio, llama3 rope scaling, tied/untied, remat, accumulation) and
     data (NQ + SQuAD retrieval rows, retrieval-free rows) at toy size on the CPU: the 3B smoke prepares the

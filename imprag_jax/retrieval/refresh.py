@@ -11,6 +11,10 @@ The first call always encodes (there is no index yet) unless an `index` is hande
 `scann_slot`, each new index also gets a host ScaNN searcher (`scann_backend.build_searcher`, from the same
 embeddings, at the same refresh), published in that slot for a compiled step's `slot_search_in_graph`; the
 newest is `refresher.scann`.
+
+Exact resume: a checkpoint keeps the current index's embeddings (`run.checkpoint.Checkpoints.save(index=...)`);
+`resume(embeddings, step, config_hash)` puts that index back (tokens and mask from the corpus), so the resumed
+run mines from the same index as the uninterrupted one until the next scheduled refresh.
 """
 from __future__ import annotations
 
@@ -76,6 +80,34 @@ class IndexRefresher:
         if self.save_dir is not None:
             self._save(index, int(step))
         return index
+
+    def resume(self, embeddings, step: int, config_hash: str) -> bool:
+        """Restores the index of a checkpoint from its (padded, row-sharded) device embeddings, the step that
+        encoded them and their config fingerprint; False (nothing restored: the next `maybe_refresh` encodes)
+        when the fingerprint is not this model's."""
+        from imprag_jax.retrieval.encode import _resolve_fingerprint
+        from imprag_jax.retrieval.index import _put_rows, auto_mesh, default_mesh, padded_rows
+
+        fp = _resolve_fingerprint(self.cfg, self.encode_kwargs.get("fingerprint"))
+        if config_hash != fp:
+            log.warning("checkpointed index has config fingerprint %s, the model %s: re-encoding", config_hash, fp)
+            return False
+        mesh = self.encode_kwargs.get("index_mesh") or (auto_mesh(self.mesh) if self.mesh is not None
+                                                        else default_mesh())
+        n = len(self.tokens)
+        if embeddings.shape[0] != padded_rows(n, mesh):
+            log.warning("checkpointed index has %d rows, the corpus pads to another count: re-encoding",
+                        embeddings.shape[0])
+            return False
+        tok = msk = None
+        if self.encode_kwargs.get("keep_tokens", True):
+            tok = _put_rows(self.tokens.astype(np.int32), mesh, embeddings.shape[0])
+            msk = _put_rows(self.mask, mesh, embeddings.shape[0])
+        self.index = PassageIndex(embeddings, tok, msk, step=int(step), n=n, config_hash=config_hash, mesh=mesh)
+        log.info("index of step %d restored from the checkpoint: %d passages", step, n)
+        if self.scann_slot is not None:
+            self._build_scann(self.index)
+        return True
 
     def _build_scann(self, index: PassageIndex) -> None:
         from imprag_jax.retrieval.scann_backend import build_searcher, publish

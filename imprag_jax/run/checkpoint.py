@@ -1,8 +1,11 @@
-"""A run's checkpoints, <workdir>/checkpoints/<step>/{state,data,meta}: written and restored here only.
+"""A run's checkpoints, <workdir>/checkpoints/<step>/{state,data,meta[,index]}: written and restored here only.
 
     state  the train state (params, opt_state, step), sharded as in training
     data   the data iterator's state (JSON)
-    meta   {"model": ModelConfig.to_dict(), "step": ..., "name": ...} (JSON)
+    meta   {"model": ModelConfig.to_dict(), "step": ..., "name": ...[, "index": PassageIndex.metadata()]} (JSON)
+    index  runs that mine negatives from their own index (train.candidates index/mixed): the embeddings of the
+           index the step mines from ({"emb": [n_pad, D]}, row-sharded), encoded at meta["index"]["step"] with
+           the config fingerprint meta["index"]["config_hash"]; a resumed run mines from it until its next refresh
 
 `Checkpoints` saves and restores the full state of a training run (resuming); `restore_params` reads the
 parameters alone as host arrays (evaluation, inference, export, another run's initial weights): no optimizer
@@ -22,7 +25,7 @@ from ..model import ModelConfig
 from .config import RunError
 
 DIR = "checkpoints"
-ITEMS = ("state", "data", "meta")
+ITEMS = ("state", "data", "meta", "index")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -67,12 +70,31 @@ class Checkpoints:
                                                            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return r["state"], r["data"], r["meta"]
 
-    def save(self, step: int, state, data_state: dict, cfg: ModelConfig, name: str, force: bool = False):
+    def restore_index(self, step: int, abstract_emb):
+        """(embeddings placed as `abstract_emb` (a ShapeDtypeStruct with a sharding), index metadata) of the index
+        saved with checkpoint `step`, or None when it has none (a pseudo-candidate run, an older checkpoint)."""
         ocp = self._ocp
-        self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data_state),
-                                                     meta=ocp.args.JsonSave({"model": cfg.to_dict(), "step": step,
-                                                                             "name": name})), force=force)
+        meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        info = meta.get("index")
+        if not info:
+            return None
+        if (info["num_padded"], info["d"]) != tuple(abstract_emb.shape):
+            return None  # another corpus or mesh: the caller re-encodes
+        abstract = {"emb": jax.ShapeDtypeStruct(abstract_emb.shape, jax.numpy.dtype(info["dtype"]),
+                                                sharding=abstract_emb.sharding)}
+        r = self.mngr.restore(step, args=ocp.args.Composite(index=ocp.args.StandardRestore(abstract)))
+        return r["index"]["emb"], info
+
+    def save(self, step: int, state, data_state: dict, cfg: ModelConfig, name: str, force: bool = False,
+             index=None):
+        """`index`: the PassageIndex the run mines negatives from (its embeddings and metadata go along)."""
+        ocp = self._ocp
+        meta = {"model": cfg.to_dict(), "step": step, "name": name}
+        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        if index is not None:
+            meta["index"] = index.metadata()
+            items["index"] = ocp.args.StandardSave({"emb": index.embeddings})
+        self.mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), force=force)
 
     def close(self):
         self.mngr.wait_until_finished()

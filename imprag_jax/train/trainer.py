@@ -129,7 +129,7 @@ def train(c, workdir: str) -> Dict:
     refresher, index_abs, s = _index_refresher(c, s, ddir, tokenizer, bcfg)
     steps = _Steps(c, s, index_abs, R.latest_step(workdir))
     ckpt = R.Checkpoints(workdir, c.train.keep)
-    state = _restore_or_init(ckpt, c, s, data, init_params)
+    state = _restore_or_init(ckpt, c, s, data, init_params, refresher, index_abs)
     writer = MetricWriter(workdir)
     result, state = _run_steps(c, s, steps, state, data, ckpt, refresher, index_abs, _DevEval(c, cfg, ddir, tokenizer),
                                writer)
@@ -242,8 +242,9 @@ class _Steps:
 
 
 
-def _restore_or_init(ckpt, c, s: Setup, data, init_params):
-    """The latest checkpoint's state (and the data iterator's position), else a new state."""
+def _restore_or_init(ckpt, c, s: Setup, data, init_params, refresher=None, index_abs=None):
+    """The latest checkpoint's state (and the data iterator's position, and the index negatives are mined from),
+    else a new state."""
     latest = ckpt.latest_step()
     if latest is None:
         return create_state(s.cfg, s.tx, s.mesh, jax.random.key(c.seed), params=init_params, rules=s.rules)
@@ -251,6 +252,12 @@ def _restore_or_init(ckpt, c, s: Setup, data, init_params):
     state, data_state, _ = ckpt.restore(latest, s_abs, s_shard)
     data.set_state(data_state)
     log(f"[train] resumed from step {latest} ({ckpt.dir})")
+    if refresher is not None:  # mine from the index the interrupted run had, not one encoded by today's params
+        saved = ckpt.restore_index(latest, index_abs["emb"])
+        if saved is not None and refresher.resume(saved[0], saved[1]["step"], saved[1]["config_hash"]):
+            log(f"[train] index of step {saved[1]['step']} restored with the checkpoint")
+        else:
+            log(f"[train] the checkpoint has no usable index: encoding one with the parameters of step {latest}")
     return state
 
 
@@ -296,7 +303,8 @@ def _run_steps(c, s: Setup, steps: _Steps, state, data, ckpt, refresher, index_a
     start = int(jax.device_get(state["step"]))
 
     def save(step, force=False):
-        ckpt.save(step, state, data.get_state(), s.cfg, c.name, force=force)
+        ckpt.save(step, state, data.get_state(), s.cfg, c.name, force=force,
+                  index=refresher.index if refresher is not None else None)
 
     stopper = _Stop()
     B_glob, L_tok = s.shapes["mask"][0]
@@ -330,7 +338,8 @@ def _run_steps(c, s: Setup, steps: _Steps, state, data, ckpt, refresher, index_a
             ramp = 1.0 if T.score_bias_ramp <= 0 else min(1.0, step / T.score_bias_ramp)
             index_arrays = None
             if refresher is not None:
-                if refresher.maybe_refresh(step, state["params"]) is not None:
+                # a new index, or (resumed) the checkpoint's, the first time
+                if refresher.maybe_refresh(step, state["params"]) is not None or cur_index is None:
                     ix = refresher.index
                     cur_index = {"emb": ix.embeddings.astype(index_abs["emb"].dtype),
                                  "tokens": ix.tokens.astype(jnp.int32), "mask": ix.mask.astype(jnp.int32),
