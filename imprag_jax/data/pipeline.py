@@ -64,6 +64,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
@@ -197,20 +198,17 @@ def filler_words(world=None, pool: str = "unseen") -> list:
     types' templates, so no evaluation prompt's instruction word is ever seen as filler; "all": those words too
     (as a bag: never in a template's order). Sorted (deterministic)."""
     def words(s):
-        import re
-
         return set(re.findall(r"[^\W_]+", re.sub(r"\{\w+\}", " ", s)))
 
-    pool_kind = pool
-    pool = set().union(*[words(v) for v in T.TEMPLATES.values()])
+    found = set().union(*[words(v) for v in T.TEMPLATES.values()])
     if world is not None:
         from imprag_jax.data import synthetic as S
 
-        pool |= set().union(*[words(x) for x in S.BIO_TEMPLATES + S.ORG_TEMPLATES + S.CITY_TEMPLATES
+        found |= set().union(*[words(x) for x in S.BIO_TEMPLATES + S.ORG_TEMPLATES + S.CITY_TEMPLATES
                               + S.COUNTRY_TEMPLATES + S.LETTER_TEMPLATES + S.EVENT_TEMPLATES
                               + tuple(S.TWO_HOP_QUESTIONS.values())])
     words_of = set().union(*[words(T.TEMPLATES[t]) for t in _EVAL_TYPES])
-    return sorted(pool - words_of if pool_kind == "unseen" else pool | words_of)
+    return sorted(found - words_of if pool == "unseen" else found | words_of)
 
 
 def _record_path(data_dir: str, task: str, split: str) -> str:
