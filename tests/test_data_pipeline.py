@@ -330,3 +330,22 @@ def test_query_filler_all_words_and_retrieval_only_rows(wdir, tok):
     assert np.array_equal(b["tokens"][kept], plain["tokens"][kept])
     with pytest.raises(ValueError, match="query_filler_pool"):
         _cfg(query_filler_pool="nope")
+
+
+def test_query_filler_split_gives_e_q_the_filled_prompt_and_the_reader_the_plain_one(wdir, tok):
+    """query_filler_split: the row's tokens, masks and loss are those of the unfilled run (the reader reads and
+    trains on the plain prompt); `query_tokens` holds the filled prompt for the filled rows and the plain prompt
+    for the others; the split without filler is a config error."""
+    kw = dict(tasks={"qa": 1.0}, free_batch_size=0, positives="gold", negatives="generator", n_neg=3, cf=0.0, L_q=40)
+    plain = _it(wdir, tok, _cfg(**kw)).batch(1)
+    filled = _it(wdir, tok, _cfg(query_filler=0.5, query_filler_pool="all", **kw)).batch(1)
+    split = _it(wdir, tok, _cfg(query_filler=0.5, query_filler_pool="all", query_filler_split=True, **kw)).batch(1)
+    for k in plain:
+        assert np.array_equal(plain[k], split[k]), k
+    np.testing.assert_array_equal(split["query_mask"], filled["prompt_mask"][:, :40])
+    np.testing.assert_array_equal(split["query_tokens"] * split["query_mask"],
+                                  filled["tokens"][:, :40] * filled["prompt_mask"][:, :40])
+    grew = filled["prompt_mask"].sum(1) > plain["prompt_mask"].sum(1)
+    assert 0 < grew.sum() < len(grew) and split["loss_mask"][grew].sum() > 0
+    with pytest.raises(ValueError, match="query_filler_split"):
+        _cfg(query_filler_split=True)

@@ -468,3 +468,22 @@ def test_init_from_starts_a_run_from_another_runs_parameters(world_dir, tmp_path
         train(bad, str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="init_from"):
         train(tiny_config(world_dir, steps=1, init_from=str(tmp_path / "nope")), str(tmp_path / "d"))
+
+
+def test_query_tokens_feed_e_q_only(world_dir):
+    """QUERY_KEYS (data.query_filler_split): query tokens equal to the prompt give exactly the step without them;
+    other query tokens change the retrieval loss and scores, never the generation loss."""
+    from imprag_jax.train.step import loss_fn
+
+    c, cfg, sc, params, batch = _tiny_setup(world_dir, score_scale="sqrt_dim")
+    Lq = int(batch["prompt_mask"].sum(1).max())
+    same = dict(batch, query_tokens=batch["tokens"][:, :Lq], query_mask=batch["prompt_mask"][:, :Lq])
+    base = loss_fn(params, cfg, sc, "warmup", batch, jnp.float32(0))[1]
+    got = loss_fn(params, cfg, sc, "warmup", same, jnp.float32(0))[1]
+    for k in ("nce", "gen_nll", "score_mean"):
+        np.testing.assert_allclose(float(got[k]), float(base[k]), rtol=1e-6, err_msg=k)
+    other = dict(same, query_tokens=jnp.roll(same["query_tokens"], 1, axis=0),
+                 query_mask=jnp.roll(same["query_mask"], 1, axis=0))
+    moved = loss_fn(params, cfg, sc, "warmup", other, jnp.float32(0))[1]
+    assert float(moved["gen_nll"]) == float(base["gen_nll"])
+    assert abs(float(moved["nce"]) - float(base["nce"])) > 1e-4

@@ -79,7 +79,8 @@ from imprag_jax.data.chunking import TITLE_FORMAT, TruncationStats, format_passa
 BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage_mask", "passage_ids", "positives",
               "example_index")
 FREE_KEYS = ("free_tokens", "free_mask", "free_loss_mask", "free_index")
-OPTIONAL_KEYS = ("mined_exclude",)  # retrieval rows carry them when the config asks (BatchConfig.mined_exclude)
+# retrieval rows carry them when the config asks (BatchConfig.mined_exclude, BatchConfig.query_filler_split)
+OPTIONAL_KEYS = ("mined_exclude", "query_tokens", "query_mask")
 TRUE_FALSE_ANSWERS = ("true", "false", "yes", "no")  # labels, not strings a passage "contains"
 
 
@@ -117,6 +118,9 @@ class BatchConfig:
     query_filler_max: int = 24           # at most this many filler words (fewer when the prompt would not fit L_q)
     query_filler_pool: str = "unseen"    # "unseen": no word of an evaluated template | "all": every template word
     query_filler_gen: bool = True        # False: a filled row trains the retrieval loss only (no generation loss)
+    query_filler_split: bool = False     # True: the filled prompt goes to E_q only and the reader reads (and trains
+    #                                      its generation loss on) the row's unfilled prompt; every retrieval row
+    #                                      then carries `query_tokens` / `query_mask` [L_q], E_q's own prompt
     add_bos: bool = True
     title_format: Optional[str] = TITLE_FORMAT
     seed: int = 0
@@ -138,6 +142,9 @@ class BatchConfig:
             raise ValueError(f"query_filler_pool must be unseen|all, got {self.query_filler_pool!r}")
         if self.query_filler_max < 0:
             raise ValueError(f"query_filler_max must be >= 0, got {self.query_filler_max}")
+        if self.query_filler_split and (self.query_filler <= 0 or not self.query_filler_gen):
+            raise ValueError("query_filler_split needs query_filler > 0 and query_filler_gen = True (the split keeps "
+                             "every row's generation loss, on its unfilled prompt)")
         if self.mined_exclude < 0:
             raise ValueError(f"mined_exclude must be >= 0, got {self.mined_exclude}")
         lo, hi = self.neg_ranks
@@ -534,13 +541,19 @@ class TrainBatches:
         if cf and not set(gold) <= set(cands):  # pseudo positives missed the counterfactual gold: keep it real
             cf, prompt, answer = None, rec["prompt"], (rec["answers"][0] if rec["answers"] else "")
         filled = cfg.query_filler > 0 and rng.random() < cfg.query_filler  # drawn after the candidates
-        if filled:
-            prompt = self._with_filler(prompt, rng)
+        query = self._with_filler(prompt, rng) if filled else prompt
+        if not cfg.query_filler_split:
+            prompt = query
         p_ids = self.enc.prompt(prompt, cfg.L_q, self.truncation)
         r_ids = self.enc.response(answer, cfg.L_r, self.response_truncation)
         row = self._tokens(p_ids, r_ids, rec["row"])
         if filled and not cfg.query_filler_gen:  # the filled prompt trains E_q only
             row["loss_mask"][:] = 0
+        if cfg.query_filler_split:  # E_q's prompt (filled or not), the reader's stays unfilled
+            q_ids = self.enc.prompt(query, cfg.L_q, TruncationStats()) if filled else p_ids
+            row["query_tokens"] = np.full((cfg.L_q,), self.enc.pad, np.int32)
+            row["query_tokens"][:len(q_ids)] = q_ids
+            row["query_mask"] = (np.arange(cfg.L_q) < len(q_ids)).astype(np.int32)
         ptok, pmask = self._corpus()
         toks = np.full((cfg.k, cfg.l_max), self.enc.pad, np.int32)
         mask = np.zeros((cfg.k, cfg.l_max), np.int32)

@@ -30,14 +30,17 @@ BATCH_KEYS = ("tokens", "mask", "prompt_mask", "loss_mask", "passages", "passage
 FREE_KEYS = ("free_tokens", "free_mask", "free_loss_mask")  # retrieval-free rows, when the batch has them
 # [B, X] passage rows mined negatives must not be (gold, answer-containing; -1 padded), when the batch has them
 MINED_KEYS = ("mined_exclude",)
+# [B, L_q] E_q's own prompt (data.query_filler_split: the filled prompt, while the reader reads `tokens`), when present
+QUERY_KEYS = ("query_tokens", "query_mask")
 
 
 def step_keys(batch) -> tuple:
-    """The keys of `batch` the step reads (BATCH_KEYS, plus FREE_KEYS / MINED_KEYS when the batch has them)."""
+    """The keys of `batch` the step reads (BATCH_KEYS, plus FREE_KEYS / MINED_KEYS / QUERY_KEYS when the batch has
+    them)."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"batch lacks {missing}")
-    return BATCH_KEYS + tuple(k for k in FREE_KEYS + MINED_KEYS if k in batch)
+    return BATCH_KEYS + tuple(k for k in FREE_KEYS + MINED_KEYS + QUERY_KEYS if k in batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +194,11 @@ def loss_fn(params, cfg: ModelConfig, sc: StepConfig, stage: str, batch: Dict[st
         params = {**params, "embed": jax.lax.stop_gradient(params["embed"])}
     tokens, mask = batch["tokens"], batch["mask"]
     h_q = run_bottom(params, cfg, tokens, mask)
-    e_q = retrieval_embedding(params, cfg, h_q, batch["prompt_mask"], "q")
+    if "query_tokens" in batch:  # E_q from its own prompt: one more bottom-group pass over [B, L_q]
+        qm = batch["query_mask"]
+        e_q = retrieval_embedding(params, cfg, run_bottom(params, cfg, batch["query_tokens"], qm), qm, "q")
+    else:
+        e_q = retrieval_embedding(params, cfg, h_q, batch["prompt_mask"], "q")
     mined = None
     if index is not None and sc.n_replace > 0:
         batch, mined = mine_from_index(e_q, batch, index, sc)
