@@ -73,11 +73,11 @@ ROWS = {
                          "as query_filler, the filler drawn from every template word (the evaluated templates' "
                          "instruction words too, never in their order) and the filled rows trained on the "
                          "retrieval loss only (the reader sees only unfilled prompts)"),
-    "query_filler_split": ("", ["--config.data.query_filler=0.5", "--config.data.L_q=40",
+    "query_filler_split": ("", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
                                 "--config.data.query_filler_pool=all", "--config.data.query_filler_split=True"],
                            "as query_filler_all, but a filled row's reader reads its unfilled prompt with the "
-                           "generation loss (the filled prompt goes to E_q only: one more bottom-group pass), so "
-                           "the reader trains on every row as in the default"),
+                           "generation loss (the filled prompt, up to 40 tokens, goes to E_q only: one more "
+                           "bottom-group pass), so the reader trains on every row as in the default (L_q 24)"),
     # beyond the paper: candidates from the model's own index (in the NCE stage and the KL stage)
     "distill_index": ("", T2 + ["--config.train.stages=both", "--config.train.candidates=mixed"],
                       "warmup_distill with up to 2 of each example's 3 negatives mined from the model's own index "

@@ -349,3 +349,12 @@ def test_query_filler_split_gives_e_q_the_filled_prompt_and_the_reader_the_plain
     assert 0 < grew.sum() < len(grew) and split["loss_mask"][grew].sum() > 0
     with pytest.raises(ValueError, match="query_filler_split"):
         _cfg(query_filler_split=True)
+    # E_q's prompt gets its own length: the reader's rows stay those of a short L_q, the filled queries fit L_query
+    kw.update(L_q=24)
+    short = _it(wdir, tok, _cfg(**kw)).batch(1)
+    own = _it(wdir, tok, _cfg(query_filler=0.5, query_filler_pool="all", query_filler_split=True, L_query=40,
+                              **kw)).batch(1)
+    assert all(np.array_equal(short[k], own[k]) for k in short) and own["query_tokens"].shape[1] == 40
+    assert own["query_mask"].sum(1).max() > 24
+    with pytest.raises(ValueError, match="L_query"):
+        _cfg(L_query=40)

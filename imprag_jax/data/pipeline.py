@@ -120,7 +120,9 @@ class BatchConfig:
     query_filler_gen: bool = True        # False: a filled row trains the retrieval loss only (no generation loss)
     query_filler_split: bool = False     # True: the filled prompt goes to E_q only and the reader reads (and trains
     #                                      its generation loss on) the row's unfilled prompt; every retrieval row
-    #                                      then carries `query_tokens` / `query_mask` [L_q], E_q's own prompt
+    #                                      then carries `query_tokens` / `query_mask` [L_query], E_q's own prompt
+    L_query: int = 0                     # length of E_q's own prompt under query_filler_split (the filled prompt
+    #                                      fits it); 0 = L_q. The reader's unfilled prompt keeps L_q
     add_bos: bool = True
     title_format: Optional[str] = TITLE_FORMAT
     seed: int = 0
@@ -142,6 +144,8 @@ class BatchConfig:
             raise ValueError(f"query_filler_pool must be unseen|all, got {self.query_filler_pool!r}")
         if self.query_filler_max < 0:
             raise ValueError(f"query_filler_max must be >= 0, got {self.query_filler_max}")
+        if self.L_query < 0 or (self.L_query and not self.query_filler_split):
+            raise ValueError(f"L_query={self.L_query} is E_q's own prompt length under query_filler_split (0 = L_q)")
         if self.query_filler_split and (self.query_filler <= 0 or not self.query_filler_gen):
             raise ValueError("query_filler_split needs query_filler > 0 and query_filler_gen = True (the split keeps "
                              "every row's generation loss, on its unfilled prompt)")
@@ -541,7 +545,8 @@ class TrainBatches:
         if cf and not set(gold) <= set(cands):  # pseudo positives missed the counterfactual gold: keep it real
             cf, prompt, answer = None, rec["prompt"], (rec["answers"][0] if rec["answers"] else "")
         filled = cfg.query_filler > 0 and rng.random() < cfg.query_filler  # drawn after the candidates
-        query = self._with_filler(prompt, rng) if filled else prompt
+        Lq = (cfg.L_query or cfg.L_q) if cfg.query_filler_split else cfg.L_q
+        query = self._with_filler(prompt, rng, Lq) if filled else prompt
         if not cfg.query_filler_split:
             prompt = query
         p_ids = self.enc.prompt(prompt, cfg.L_q, self.truncation)
@@ -550,10 +555,10 @@ class TrainBatches:
         if filled and not cfg.query_filler_gen:  # the filled prompt trains E_q only
             row["loss_mask"][:] = 0
         if cfg.query_filler_split:  # E_q's prompt (filled or not), the reader's stays unfilled
-            q_ids = self.enc.prompt(query, cfg.L_q, TruncationStats()) if filled else p_ids
-            row["query_tokens"] = np.full((cfg.L_q,), self.enc.pad, np.int32)
+            q_ids = self.enc.prompt(query, Lq, TruncationStats()) if filled or Lq < cfg.L_q else p_ids
+            row["query_tokens"] = np.full((Lq,), self.enc.pad, np.int32)
             row["query_tokens"][:len(q_ids)] = q_ids
-            row["query_mask"] = (np.arange(cfg.L_q) < len(q_ids)).astype(np.int32)
+            row["query_mask"] = (np.arange(Lq) < len(q_ids)).astype(np.int32)
         ptok, pmask = self._corpus()
         toks = np.full((cfg.k, cfg.l_max), self.enc.pad, np.int32)
         mask = np.zeros((cfg.k, cfg.l_max), np.int32)
@@ -610,11 +615,11 @@ class TrainBatches:
             out.update(self._answer_rows_cache[key])
         return sorted(out)
 
-    def _with_filler(self, prompt: str, rng) -> str:
+    def _with_filler(self, prompt: str, rng, L_q: int) -> str:
         """The prompt with 0..query_filler_max random instruction-like words (`filler_words`) inserted before its
         answer marker ("A:"; the end when it has none), as many as fit L_q: the entity the question names then
         sits at varied distances from the last token, whose query state must find it by content (prompts of
-        unseen formats put ~20 instruction words after it)."""
+        unseen formats put ~20 instruction words after it). The filled prompt fits `L_q` tokens."""
         if self._filler is None:
             self._filler = filler_words(self.world, self.cfg.query_filler_pool)
         cut = prompt.rstrip().rfind("A:") if prompt.rstrip().endswith("A:") else len(prompt)
@@ -623,7 +628,7 @@ class TrainBatches:
         words = [self._filler[i] for i in rng.integers(len(self._filler), size=n)]
         while n > 0:
             text = " ".join(x for x in (head, " ".join(words[:n]), tail) if x)
-            if len(self.enc.prompt(text, 10 ** 6, TruncationStats())) <= self.cfg.L_q:
+            if len(self.enc.prompt(text, 10 ** 6, TruncationStats())) <= L_q:
                 return text
             n -= 1
         return prompt
