@@ -271,3 +271,13 @@ def test_mined_step_quick_schema(tmp_path):
         assert v["step_s"] > 0 and len(v["step_s_all"]) == 2
     assert c["ratios_vs_exact"]["exact"] == 1.0 and set(c["search_s"]) == {"exact", "binned", "scann"}
     assert c["recall@70_vs_exact"]["scann"] == 1.0  # brute force below 20k rows
+
+
+def test_query_split_step_quick_schema(tmp_path):
+    out = tmp_path / "query_split_step.json"
+    _run([sys.executable, os.path.join(BENCH, "query_split_step.py"), "--quick", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["schema"] == "imprag_jax.bench.query_split_step/1" and res["quick"] is True
+    assert set(res["variants"]) == {"default", "split"} and res["shapes"]["split"]["query_tokens"] == [32, 40]
+    assert all(v["step_s"] > 0 and len(v["step_s_all"]) == 2 for v in res["variants"].values())
+    assert res["split_over_default"] > 0
