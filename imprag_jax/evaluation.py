@@ -132,7 +132,9 @@ def plot_report(rows, path: str, title: str = "") -> None:
 
 
 def count_examples(data_dir: str, task: str, split: str, limit) -> int:
-    with open(os.path.join(data_dir, "tasks", f"{task}.{split}.jsonl")) as f:
+    from .data import paths
+
+    with paths.open(paths.join(data_dir, "tasks", f"{task}.{split}.jsonl")) as f:
         n = sum(1 for line in f if line.strip())
     return n if not limit else min(n, limit)
 

@@ -274,6 +274,34 @@ def test_prepare_bad_kilt_file_is_one_line(tmp_path, name, needle):
     assert not out.exists()
 
 
+def test_prepare_without_tensorflow_datasets_says_so_before_any_work(tmp_path):
+    """The TFDS dataset is prepare's default: without tensorflow-datasets that is one line naming the package and
+    --no_tfds, before anything is written; --no_tfds then writes the JSONL-only folder."""
+    kn = _kilt_files(tmp_path)
+    out = tmp_path / "out"
+    (tmp_path / "good.jsonl").write_text('{"id": "q1", "input": "who?", "output": [{"answer": "x"}]}\n')
+    args = ["--kilt_task", f"nq={tmp_path / 'good.jsonl'}", "--kilt_knowledge", kn, "--out", str(out),
+            "--no_pseudo_labels"]
+    r = _run("imprag_jax.data.prepare", args, pre="sys.modules['tensorflow_datasets'] = None")
+    lines = _user_error(r, "tensorflow-datasets", "--no_tfds")
+    assert len(lines) == 1 and not out.exists()
+    r = _run("imprag_jax.data.prepare", args + ["--no_tfds"], pre="sys.modules['tensorflow_datasets'] = None")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "passages.jsonl").is_file() and not (out / "tfds").exists()
+
+
+def test_data_dir_in_a_bucket_without_gcsfs_is_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed: the bucket read would try the network")
+    wd = tmp_path / "w"
+    r = _run("imprag_jax.train", ["--config", "configs/synthetic.py:smoke", "--workdir", str(wd),
+                                  "--config.data.kind=prepared", "--config.data.dir=gs://imprag-no-such-bucket/kilt"])
+    _user_error(r, "data.dir='gs://imprag-no-such-bucket/kilt'", "needs gcsfs (pip install gcsfs)")
+    assert not wd.exists()  # evaluation's data folder check: tests/test_tfds_kilt.py
+
+
 # ---------------------------------------------------------------------------------------------------- a trained run
 
 

@@ -39,6 +39,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
+from imprag_jax.data import paths
+
 
 class DataError(ValueError):
     """Malformed or inconsistent data. The message names the file and line when there is one."""
@@ -135,13 +137,14 @@ def _distinct(xs: Iterable[str]) -> list:
 def _open_text(path: str, mode: str = "rt", gz: Optional[bool] = None):
     gz = str(path).endswith(".gz") if gz is None else gz
     if gz:
-        return gzip.open(path, mode, encoding="utf-8")
-    return open(path, mode, encoding="utf-8", newline="" if "w" in mode else None)
+        return gzip.open(path if paths.is_local(path) else paths.open(path, "rb"), mode, encoding="utf-8")
+    return paths.open(path, mode, encoding="utf-8", newline="" if "w" in mode else None)
 
 
 def iter_jsonl(path: str) -> Iterator[tuple]:
-    """Yield ``(line_no, obj)`` for every non-blank line (1-based line numbers); streams the file."""
-    if not os.path.exists(path):
+    """Yield ``(line_no, obj)`` for every non-blank line (1-based line numbers); streams the file (local or a
+    bucket path, `imprag_jax.data.paths`)."""
+    if not paths.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     with _open_text(path) as f:
         for n, line in enumerate(f, 1):

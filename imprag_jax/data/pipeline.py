@@ -7,9 +7,11 @@ A prepared data directory (the synthetic world of `imprag_jax.data.synthetic` or
 BM25-ranked / generator hard-negative passages as corpus ROWS, and the meta). Records are tokenizer-independent;
 tokenization happens when a batch is built, so one prepared directory serves every model. The iterators call
 `prepare_records` themselves when a record file is missing or older than its sources. A folder that holds the TFDS
-dataset of `imprag_jax.data.tfds_kilt` (``tfds/imprag_kilt/<version>/``, written by ``data.prepare --tfds``, or a
-``tfds/location`` file naming one in a bucket) is read through it instead -- the same records, the same batches bit
-for bit -- and needs no ``records/`` files.
+dataset of `imprag_jax.data.tfds_kilt` (``tfds/imprag_kilt/<version>/``, written by ``data.prepare`` unless
+``--no_tfds``, or a ``tfds/location`` file naming one in a bucket) is read through it instead -- the same records,
+the same batches bit for bit -- and needs no ``records/`` files. Every file of the folder is read through
+`imprag_jax.data.paths`, so ``data_dir`` may be a bucket path (``gs://...``, with gcsfs) when the folder holds its
+TFDS dataset (records are never written to a bucket); local paths are read with ``os`` as before.
 
 Training batch (`TrainBatches`; every array is numpy, shapes fixed by `BatchConfig`, so a jitted step never
 recompiles)::
@@ -61,7 +63,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -71,6 +72,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from imprag_jax.data import paths
 from imprag_jax.data import templates as T
 from imprag_jax.data.records import (RECORDS_VERSION, _passage_rows, _task_splits, example_prompt,  # noqa: F401
                                      iter_task_records)
@@ -182,19 +184,20 @@ class BatchConfig:
 
 # ------------------------------------------------------------------------------------------------- files
 def load_tokenizer(data_dir: str):
-    """``DIR/tokenizer.json`` as a `Tokenizer` with ``<bos>``/``<eos>``/``<pad>`` (the synthetic world's)."""
+    """``DIR/tokenizer.json`` as a `Tokenizer` with ``<bos>``/``<eos>``/``<pad>`` (the synthetic world's); a
+    bucket folder's file is read from a local copy (`paths.local_copy`: the tokenizers library reads local files)."""
     from imprag_jax.data.tokenizer import Tokenizer
 
-    path = os.path.join(data_dir, "tokenizer.json")
-    if not os.path.exists(path):
+    path = paths.join(data_dir, "tokenizer.json")
+    if not paths.exists(path):
         raise FileNotFoundError(f"{data_dir} has no tokenizer.json; pass the model's tokenizer")
-    return Tokenizer.from_file(path, bos="<bos>", eos="<eos>", pad="<pad>")
+    return Tokenizer.from_file(paths.local_copy(path), bos="<bos>", eos="<eos>", pad="<pad>")
 
 
 def _read_stats(data_dir: str) -> dict:
-    p = os.path.join(data_dir, "stats.json")
-    if os.path.exists(p):
-        with open(p) as f:
+    p = paths.join(data_dir, "stats.json")
+    if paths.exists(p):
+        with paths.open(p) as f:
             return json.load(f)
     return {}
 
@@ -228,7 +231,7 @@ def _record_path(data_dir: str, task: str, split: str) -> str:
 
 def available_tasks(data_dir: str, split: str) -> list:
     return sorted(os.path.basename(p)[:-len(f".{split}.jsonl")]
-                  for p in glob.glob(os.path.join(data_dir, "tasks", f"*.{split}.jsonl")))
+                  for p in paths.glob(data_dir, f"tasks/*.{split}.jsonl"))
 
 
 def prepare_records(data_dir: str, tasks: Optional[Sequence[str]] = None, splits: Optional[Sequence[str]] = None,
@@ -243,6 +246,10 @@ def prepare_records(data_dir: str, tasks: Optional[Sequence[str]] = None, splits
     out = [_record_path(data_dir, task, split) for task, split, _ in todo]
     if _tfds_dir(data_dir) is not None:
         return out
+    if not paths.is_local(data_dir):
+        raise FileNotFoundError(f"{data_dir} holds no TFDS dataset (tfds/imprag_kilt/<version>/): a data folder at a "
+                                "bucket path is read through it; prepare the folder with it (python -m "
+                                "imprag_jax.data.prepare writes it by default) and copy the whole folder")
     rows = None
     for task, split, path in todo:
         rec_path = _record_path(data_dir, task, split)
@@ -410,7 +417,7 @@ class TrainBatches:
         self._answer_rows_cache: dict = {}
         self.world = world
         if ((cfg.cf > 0 or cfg.query_filler > 0) and self.world is None
-                and os.path.exists(os.path.join(data_dir, "world.json"))):
+                and paths.exists(paths.join(data_dir, "world.json"))):
             from imprag_jax.data.synthetic import World
             self.world = World.load(data_dir)
 

@@ -2,14 +2,14 @@
 
 Mini-KILT from the original release files (``../shared/data`` relative to the repository root)::
 
-    python -m imprag_jax.data.prepare --source ../shared/data --out DIR [--seed 0] [--l_max 100]
+    python -m imprag_jax.data.prepare --source ../shared/data --out DIR [--seed 0] [--l_max 100] [--no_tfds]
 
 Full-size KILT files, validated, copied and pseudo-labelled (the knowledge source may be passage JSONL
 ``{"id", "title", "text"[, "wikipedia_id"]}`` or KILT's own one-page-per-line file)::
 
     python -m imprag_jax.data.prepare --kilt_knowledge kilt_knowledgesource.json \\
         --kilt_task nq.dev=nq-dev-kilt.jsonl --kilt_task trex.dev=trex-dev-kilt.jsonl --out DIR \\
-        [--kilt_task_type mytask=slot_filling] [--allow_unresolved]
+        [--kilt_task_type mytask=slot_filling] [--allow_unresolved] [--no_tfds]
 
 A task whose name is not a KILT task needs ``--kilt_task_type NAME=TYPE`` (or ``meta.task_type`` in its
 examples). Provenance is resolved to passages by passage id, by page and paragraph range, or by page alone (every
@@ -22,8 +22,17 @@ Output in DIR::
     tasks/{task}.{split}.jsonl         KILT task files (meta.task_type / meta.fields drive the templates)
     pseudo_labels/{task}.{split}.jsonl BM25 top-50 per example, query = the templated prompt
     stats.json                         counts, chunking, dropped records, BM25 recall@1/5/10
-    tfds/imprag_kilt/1.0.0/            with ``--tfds``: the task splits and passages as a TFDS dataset (ArrayRecord
-                                       files, `imprag_jax.data.tfds_kilt`), which the pipeline then reads
+    tfds/imprag_kilt/1.0.0/            the task splits and passages as a TFDS dataset (ArrayRecord files,
+                                       `imprag_jax.data.tfds_kilt`), written last; the pipeline and the evaluation
+                                       read the task splits through it. ``--no_tfds`` (``tfds=False``) leaves it
+                                       out (and removes one an earlier run left): the JSONL-only folder, whose task
+                                       splits the pipeline turns into ``records/*.array_record`` on first use.
+
+The TFDS dataset is the default dataset layer: the batches are the same bit for bit either way, and a folder at a
+bucket path (``data.dir=gs://...``, `imprag_jax.data.paths`) is read through it (the JSONL-only folder would need
+its ``records/`` written next to it). Its cost (docs/data.md): on the test-size mini-KILT
+(``--limit 60 --free_per_task 20``) 2.0 s instead of 1.5 s and 1.5 MB -> 3.5 MB on disk; on the whole mini-KILT
+18.7 s instead of 14.7 s and 79 MB -> 119 MB.
 
 Mini-KILT tasks: ``nq`` and ``squad`` (seen formats, train/dev split by question text) and ``hotpotqa``,
 ``scifact``, ``trex`` (unseen formats, evaluation only: split ``dev``); retrieval-free training tasks in the paper's
@@ -37,9 +46,10 @@ Public API (besides the command line)
   * ``build_minikilt(source, seed=0, l_max=100, dev_frac=0.2, limit=None) -> MiniKilt`` (passages, examples per
     ``(task, split)``, stats) -- no files written.
   * ``prepare_minikilt(source, out, seed=0, l_max=100, dev_frac=0.2, limit=None, bm25_k=50, query="prompt",
-    show_progress=True) -> dict`` (the stats).
-  * ``prepare_kilt(tasks, knowledge, out, l_max=0, bm25_k=50, task_types=None, allow_unresolved=False, ...)
-    -> dict``; ``check_kilt_inputs(tasks, knowledge, task_types)`` -- the usage mistakes, before any work.
+    show_progress=True, tfds=True) -> dict`` (the stats).
+  * ``prepare_kilt(tasks, knowledge, out, l_max=0, bm25_k=50, task_types=None, allow_unresolved=False, ...,
+    tfds=True) -> dict``; ``check_kilt_inputs(tasks, knowledge, task_types)`` -- the usage mistakes, before any work.
+  * ``write_tfds(out, tfds=True)`` -- the folder's dataset layer alone (``check_tfds``: tensorflow-datasets there).
   * ``stats_markdown(stats) -> str`` -- the tables of ``docs/data.md``.
 """
 from __future__ import annotations
@@ -556,7 +566,7 @@ def build_minikilt(source: str, seed: int = 0, l_max: int = 100, dev_frac: float
 
 # ---------------------------------------------------------------------------------------------- write + BM25
 def _write_all(out: str, passages: list, examples: dict, stats: dict, bm25_k: int, query: str,
-               show_progress: bool, pseudo: bool = True) -> dict:
+               show_progress: bool, pseudo: bool = True, tfds: bool = True) -> dict:
     os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
     write_passages(os.path.join(out, "passages.jsonl"), passages)
     for (t, s), xs in examples.items():
@@ -583,15 +593,48 @@ def _write_all(out: str, passages: list, examples: dict, stats: dict, bm25_k: in
     with open(os.path.join(out, "stats.json"), "w", encoding="utf-8", newline="") as f:
         json.dump(stats, f, indent=2, ensure_ascii=False)
         f.write("\n")
+    write_tfds(out, tfds, show_progress)
     return stats
+
+
+def check_tfds(tfds: bool = True) -> None:
+    """ImportError (one line: what to install) when the TFDS dataset is asked for and tensorflow-datasets is
+    missing; called before any work."""
+    import importlib.util
+
+    if tfds and importlib.util.find_spec("tensorflow_datasets") is None:
+        raise ImportError("the TFDS dataset layer needs tensorflow-datasets (pip install tensorflow-datasets, or "
+                          "pip install -e .[data]); or pass --no_tfds (tfds=False) for the JSONL-only folder")
+
+
+def write_tfds(out: str, tfds: bool = True, show_progress: bool = False) -> None:
+    """The folder's dataset layer: with ``tfds`` the TFDS dataset ``imprag_kilt`` (`imprag_jax.data.tfds_kilt`,
+    written last, so it is never older than the files it holds); without, a dataset an earlier run left there is
+    removed (it would be stale) and the pipeline reads the JSONL files through ``records/``."""
+    import shutil
+
+    from imprag_jax.data import tfds_kilt
+
+    if not tfds:
+        stale = os.path.join(out, "tfds", tfds_kilt.NAME)
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+        return
+    check_tfds(tfds)
+    if show_progress:
+        print("TFDS: writing the imprag_kilt dataset", file=sys.stderr)
+    tfds_kilt.build(out, show_progress=show_progress)
 
 
 def prepare_minikilt(source: str, out: str, seed: int = 0, l_max: int = 100, dev_frac: float = 0.2,
                      limit: Optional[int] = None, bm25_k: int = 50, query: str = "prompt",
-                     show_progress: bool = True, pseudo_labels: bool = True, free_per_task: int = 5000) -> dict:
-    """Build the mini-KILT from ``source`` and write it to ``out``; returns the stats."""
+                     show_progress: bool = True, pseudo_labels: bool = True, free_per_task: int = 5000,
+                     tfds: bool = True) -> dict:
+    """Build the mini-KILT from ``source`` and write it to ``out`` (with the TFDS dataset unless ``tfds=False``,
+    `write_tfds`); returns the stats."""
+    check_tfds(tfds)
     mk = build_minikilt(source, seed=seed, l_max=l_max, dev_frac=dev_frac, limit=limit, free_per_task=free_per_task)
-    return _write_all(out, mk.passages, mk.examples, mk.stats, bm25_k, query, show_progress, pseudo_labels)
+    return _write_all(out, mk.passages, mk.examples, mk.stats, bm25_k, query, show_progress, pseudo_labels, tfds)
 
 
 def _name_split(name: str, path: str) -> tuple:
@@ -710,8 +753,9 @@ class _Provenance:
 
 def prepare_kilt(tasks: dict, knowledge: str, out: str, l_max: int = 0, bm25_k: int = 50,
                  task_types: Optional[dict] = None, query: str = "prompt", show_progress: bool = True,
-                 pseudo_labels: bool = True, allow_unresolved: bool = False) -> dict:
-    """Validate, copy and pseudo-label KILT files. ``tasks`` is ``{"name[.split]": path}``.
+                 pseudo_labels: bool = True, allow_unresolved: bool = False, tfds: bool = True) -> dict:
+    """Validate, copy and pseudo-label KILT files (and write the TFDS dataset unless ``tfds=False``,
+    `write_tfds`). ``tasks`` is ``{"name[.split]": path}``.
 
     The knowledge source is passage JSONL or KILT pages (read one passage per paragraph); passages longer than
     ``l_max`` words are split (``0`` = keep). Provenance is resolved to ``passage_id`` entries (`_Provenance`: by
@@ -724,6 +768,7 @@ def prepare_kilt(tasks: dict, knowledge: str, out: str, l_max: int = 0, bm25_k: 
     """
     from imprag_jax.data.templates import TemplateError
 
+    check_tfds(tfds)
     types = check_kilt_inputs(tasks, knowledge, task_types)
     drops: Counter = Counter()
     passages, where, counts, originals = [], {}, Counter(), []
@@ -819,7 +864,7 @@ def prepare_kilt(tasks: dict, knowledge: str, out: str, l_max: int = 0, bm25_k: 
                         retrieval_tasks=list(tstats), eval_tasks=[t for t, d in tstats.items()
                                                                   if any(s != "train" for s in d["splits"])],
                         free_tasks=[], lm_tasks=[])
-    return _write_all(out, passages, examples, stats, bm25_k, query, show_progress, pseudo_labels)
+    return _write_all(out, passages, examples, stats, bm25_k, query, show_progress, pseudo_labels, tfds)
 
 
 # ------------------------------------------------------------------------------------------------- markdown
@@ -899,10 +944,12 @@ def main(argv=None) -> int:
                          "sentence_generation; plus 10 %% plain-text lm rows); 0 = none")
     ap.add_argument("--no_pseudo_labels", action="store_true")
     ap.add_argument("--no_progress", action="store_true")
-    ap.add_argument("--tfds", action="store_true",
-                    help="also write the tasks and the knowledge source as the TFDS dataset imprag_kilt "
-                         "(ArrayRecord files under OUT/tfds/, imprag_jax.data.tfds_kilt); the pipeline then reads "
-                         "the folder through it")
+    ap.add_argument("--no_tfds", dest="tfds", action="store_false",
+                    help="write the JSONL files only: no TFDS dataset imprag_kilt (by default the tasks and the "
+                         "knowledge source are also written as ArrayRecord files under OUT/tfds/, "
+                         "imprag_jax.data.tfds_kilt, which the pipeline then reads; a folder at a bucket path "
+                         "needs them)")
+    ap.add_argument("--tfds", dest="tfds", action="store_true", help=argparse.SUPPRESS)  # the default (old commands)
     ap.add_argument("--kilt_task", action="append", metavar="NAME=PATH",
                     help="a KILT task file; NAME is task or task.split (repeatable)")
     ap.add_argument("--kilt_task_type", action="append", metavar="NAME=TYPE",
@@ -931,21 +978,20 @@ def main(argv=None) -> int:
                                      l_max=a.l_max if a.l_max is not None else 0, bm25_k=a.bm25_k,
                                      task_types=_kv(a.kilt_task_type, "--kilt_task_type"), query=a.query,
                                      show_progress=show, pseudo_labels=not a.no_pseudo_labels,
-                                     allow_unresolved=a.allow_unresolved)
+                                     allow_unresolved=a.allow_unresolved, tfds=a.tfds)
             else:
                 stats = prepare_minikilt(a.source, a.out, seed=a.seed,
                                          l_max=a.l_max if a.l_max is not None else 100, dev_frac=a.dev_frac,
                                          limit=a.limit, bm25_k=a.bm25_k, query=a.query, show_progress=show,
-                                         pseudo_labels=not a.no_pseudo_labels, free_per_task=a.free_per_task)
-            if a.tfds:
-                from imprag_jax.data import tfds_kilt
-
-                tfds_kilt.build(a.out, show_progress=show)
+                                         pseudo_labels=not a.no_pseudo_labels, free_per_task=a.free_per_task,
+                                         tfds=a.tfds)
     except DataError as e:  # "<file>:<line>: what is wrong" (or "<file>: ...; what to do")
         msg = cli.first_line(e)
         if re.search(r":\d+: ", msg):
             msg += "; fix or remove that line and run again"
         cli.fail(msg, prefix="prepare: error")
+    except ImportError as e:  # tensorflow-datasets missing for the default TFDS dataset
+        cli.fail(cli.first_line(e), prefix="prepare: error")
     except FileNotFoundError as e:  # a missing input file or --source folder
         cli.fail(f"{cli.first_line(e)}; check the path (--source, --kilt_task NAME=PATH, --kilt_knowledge)",
                  prefix="prepare: error")

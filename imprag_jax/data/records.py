@@ -4,11 +4,11 @@ as ArrayRecord files and the TFDS builder (`imprag_jax.data.tfds_kilt`) stores; 
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Iterator, Mapping, Optional, Sequence
 
+from imprag_jax.data import paths
 from imprag_jax.data import templates as T
 
 RECORDS_VERSION = 1
@@ -18,7 +18,7 @@ def _passage_rows(data_dir: str) -> tuple:
     """(list of (id, title, text), {id: row})."""
     from imprag_jax.data.formats import iter_passages
 
-    ps = [(p.id, p.title, p.text) for p in iter_passages(os.path.join(data_dir, "passages.jsonl"))]
+    ps = [(p.id, p.title, p.text) for p in iter_passages(paths.join(data_dir, "passages.jsonl"))]
     return ps, {pid: i for i, (pid, _, _) in enumerate(ps)}
 
 
@@ -37,7 +37,7 @@ def _task_splits(data_dir: str, tasks: Optional[Sequence[str]] = None,
                  splits: Optional[Sequence[str]] = None) -> list:
     """[(task, split, task file)] of ``tasks/*.jsonl``, filtered; a named (task, split) without a file raises."""
     todo = []
-    for path in sorted(glob.glob(os.path.join(data_dir, "tasks", "*.jsonl"))):
+    for path in paths.glob(data_dir, "tasks/*.jsonl"):
         task, split = os.path.basename(path)[:-len(".jsonl")].rsplit(".", 1)
         if (tasks is None or task in tasks) and (splits is None or split in splits):
             todo.append((task, split, path))
@@ -55,12 +55,12 @@ def iter_task_records(data_dir: str, task: str, split: str, rows: Optional[dict]
     builder (`imprag_jax.data.tfds_kilt`) store."""
     from imprag_jax.data.formats import iter_jsonl
 
-    path = os.path.join(data_dir, "tasks", f"{task}.{split}.jsonl")
+    path = paths.join(data_dir, "tasks", f"{task}.{split}.jsonl")
     if rows is None:
         rows = _passage_rows(data_dir)[1]
-    pl_path = os.path.join(data_dir, "pseudo_labels", f"{task}.{split}.jsonl")
+    pl_path = paths.join(data_dir, "pseudo_labels", f"{task}.{split}.jsonl")
     ranked = {}
-    if os.path.exists(pl_path):
+    if paths.exists(pl_path):
         for _, obj in iter_jsonl(pl_path):
             ranked[obj["id"]] = [rows[p] for p in obj["ranked"] if p in rows]
     for n, (_, obj) in enumerate(iter_jsonl(path)):

@@ -366,10 +366,13 @@ class World:
 
     @classmethod
     def load(cls, path: str) -> "World":
-        """From a directory written by `write_world` (its ``world.json``) or a ``world.json`` path."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "world.json")
-        with open(path) as f:
+        """From a directory written by `write_world` (its ``world.json``) or a ``world.json`` path (local or a
+        bucket path, `imprag_jax.data.paths`)."""
+        from imprag_jax.data import paths
+
+        if paths.isdir(path):
+            path = paths.join(path, "world.json")
+        with paths.open(path) as f:
             return cls.from_json(json.load(f))
 
     # ------------------------------------------------------------------------------------------------ rendering

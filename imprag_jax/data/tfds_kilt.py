@@ -2,7 +2,8 @@
 and read back with random access (``as_data_source``, what ``tfds.data_source`` returns) -- no TensorFlow needed.
 
 A prepared data folder (`imprag_jax.data.prepare`, `imprag_jax.data.synthetic`) holds ``passages.jsonl``,
-``tasks/{task}.{split}.jsonl`` and ``pseudo_labels/``. `build(data_dir)` turns it into the TFDS dataset
+``tasks/{task}.{split}.jsonl`` and ``pseudo_labels/``. `build(data_dir)` (what ``data.prepare`` runs by default,
+unless ``--no_tfds``; the synthetic world is written without it) turns it into the TFDS dataset
 ``imprag_kilt`` under ``{data_dir}/tfds/imprag_kilt/{VERSION}/`` (``dataset_info.json``, ``features.json`` and one
 ``imprag_kilt-{split}.array_record-*`` file set per split). Splits:
 
@@ -18,16 +19,18 @@ pipeline relies on. `imprag_jax.data.pipeline` reads a folder's task splits thro
 pseudo-label or passage files is refused (`check_fresh`): rebuild it.
 
 `task_source` / `passage_source` / `open_dataset` take the dataset folder as a local path, a ``file://`` URL or
-a bucket path (``gs://...``; reading one needs ``gcsfs``, through ``etils.epath``). Writing (`build`) and reading
-use TFDS's ArrayRecord path, which imports no TensorFlow.
+a bucket path (``gs://...``; reading one needs ``gcsfs``, through ``etils.epath``); `find_dataset` reads a folder
+at a bucket path through `imprag_jax.data.paths` (its dataset is then a bucket path too). Writing (`build`, local
+only) and reading use TFDS's ArrayRecord path, which imports no TensorFlow.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import tempfile
 from typing import Optional
+
+from imprag_jax.data import paths
 
 NAME = "imprag_kilt"
 PASSAGES_SPLIT = "passages"
@@ -83,7 +86,7 @@ def _builder_class():
         def _generate_examples(self, task: Optional[str] = None, split: Optional[str] = None,
                                rows: Optional[dict] = None):
             if task is None:
-                with open(os.path.join(self._source_dir, "passages.jsonl"), "rb") as f:
+                with paths.open(paths.join(self._source_dir, "passages.jsonl"), "rb") as f:
                     lines = (ln.rstrip(b"\r\n") for ln in f)
                     for i, ln in enumerate(x for x in lines if x.strip()):
                         yield i, {"record": ln}
@@ -132,14 +135,14 @@ def find_dataset(data_dir: str) -> Optional[str]:
     """The TFDS dataset folder of a prepared folder, or None: the path named in ``{data_dir}/tfds/location`` (one
     line, e.g. ``gs://bucket/imprag/tfds/imprag_kilt/1.0.0``; see `set_location`) when that file exists, else
     ``{data_dir}/tfds/imprag_kilt/<newest version>`` when it holds a finished dataset."""
-    loc = os.path.join(data_dir, "tfds", LOCATION_FILE)
-    if os.path.exists(loc):
-        with open(loc, encoding="utf-8") as f:
+    loc = paths.join(data_dir, "tfds", LOCATION_FILE)
+    if paths.exists(loc):
+        with paths.open(loc, encoding="utf-8") as f:
             where = f.read().strip()
         if not where:
             raise ValueError(f"{loc} is empty; it should name a TFDS dataset folder (or delete it)")
         return where
-    infos = [p for p in glob.glob(os.path.join(data_dir, "tfds", NAME, "*", "dataset_info.json"))
+    infos = [p for p in paths.glob(data_dir, f"tfds/{NAME}/*/dataset_info.json")
              if re.fullmatch(r"\d+\.\d+\.\d+", os.path.basename(os.path.dirname(p)))]  # not incomplete.*
     if not infos:
         return None
@@ -167,10 +170,9 @@ def check_fresh(data_dir: str, dataset_dir: str) -> None:
     from imprag_jax.data.records import RECORDS_VERSION
 
     info = os.path.join(str(dataset_dir), "dataset_info.json")
-    if not os.path.exists(info):
+    if not paths.is_local(data_dir) or not os.path.exists(info):
         return
-    srcs = (glob.glob(os.path.join(data_dir, "tasks", "*.jsonl"))
-            + glob.glob(os.path.join(data_dir, "pseudo_labels", "*.jsonl"))
+    srcs = (paths.glob(data_dir, "tasks/*.jsonl") + paths.glob(data_dir, "pseudo_labels/*.jsonl")
             + [os.path.join(data_dir, "passages.jsonl")])
     newest = max((os.path.getmtime(p) for p in srcs if os.path.exists(p)), default=0.0)
     if os.path.getmtime(info) < newest:
@@ -203,6 +205,8 @@ def open_dataset(dataset_dir: str):
 
     key = str(dataset_dir)
     if key not in _OPEN:
+        if not paths.is_local(key):
+            paths.exists(key)  # a missing storage client: one line naming it (paths.StorageError)
         _OPEN[key] = tfds.builder_from_directory(_path(dataset_dir))
     return _OPEN[key]
 

@@ -316,10 +316,11 @@ _TEXTS: Dict[str, List[str]] = {}
 def passage_texts(data_dir: str) -> List[str]:
     """Every passage of `data_dir/passages.jsonl` as "title: text" (what answer recall searches), cached."""
     import json
-    import os
+
+    from ..data import paths
 
     if data_dir not in _TEXTS:
-        with open(os.path.join(data_dir, "passages.jsonl")) as f:
+        with paths.open(paths.join(data_dir, "passages.jsonl")) as f:
             objs = [json.loads(line) for line in f if line.strip()]
         _TEXTS[data_dir] = [f"{o.get('title', '')}: {o['text']}" for o in objs]
     return _TEXTS[data_dir]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..data import paths
 from ..model import ConfigError
 from .config import RunError
 
@@ -25,7 +26,11 @@ def data_dir_path(c, workdir: str) -> str:
 def existing_data_dir(c, workdir: str) -> str:
     """The run's prepared data folder, for evaluation and inference (never generated here)."""
     d = data_dir_path(c, workdir)
-    if not os.path.exists(os.path.join(d, "passages.jsonl")):
+    try:
+        have = paths.exists(paths.join(d, "passages.jsonl"))
+    except paths.StorageError as e:
+        raise RunError(f"data.dir={d!r}: {e}") from None
+    if not have:
         raise RunError(f"the run's data folder {d!r} has no passages.jsonl (set --config.data.dir)")
     return d
 
@@ -38,14 +43,17 @@ def training_data_dir(c, workdir: str) -> str:
     if kind not in KINDS:
         _fail(f"data.kind must be synthetic, minikilt or prepared, got {kind!r}")
     d = data_dir_path(c, workdir) if kind in ("synthetic", "minikilt") else c.data.dir
-    if c.data.dir and kind in ("synthetic", "minikilt") and not os.path.isdir(c.data.dir):
+    try:
+        have = paths.exists(paths.join(d, "passages.jsonl")) if d else False
+    except paths.StorageError as e:
+        _fail(f"data.dir={d!r}: {e}")
+    if c.data.dir and kind in ("synthetic", "minikilt") and not have and not os.path.isdir(c.data.dir):
         if kind == "synthetic":
             _fail(f"data.dir={c.data.dir} does not exist; leave data.dir empty to generate the synthetic world in "
                   f"{os.path.join(workdir, 'data')}, or create it with python -m imprag_jax.data.synthetic --out DIR")
         _fail(f"data.dir={c.data.dir} does not exist; leave data.dir empty to prepare the mini-KILT in "
               f"{os.path.join(workdir, 'data')}, or prepare it with python -m imprag_jax.data.prepare --source "
               f"{c.data.source} --out DIR")
-    have = os.path.exists(os.path.join(d, "passages.jsonl"))
     if kind == "prepared":
         if not d or not have:
             _fail(f"data.dir={d!r} is not a prepared data directory (no passages.jsonl); run "
@@ -82,11 +90,11 @@ def check_world(c, d: str) -> None:
     """An existing world must be the one the config asks for: the seed and the question phrasings decide what a
     run trains on; another size than data.people is allowed (tests and quick runs point data.dir at small
     worlds)."""
-    path = os.path.join(d, "world.json")
-    if not os.path.exists(path):
+    path = paths.join(d, "world.json")
+    if not paths.exists(path):
         return
     want = _world_request(c)
-    with open(path) as f:
+    with paths.open(path) as f:
         have = json.load(f).get("config", {})
     diff = {k: (have[k], want[k]) for k in ("seed", "qa_templates") if k in have and have[k] != want[k]}
     if diff:
@@ -110,6 +118,6 @@ def prepare_minikilt_dir(c, d: str) -> None:
     try:
         with cli.remove_if_unused(d):
             stats = prepare_minikilt(src, d, seed=int(c.seed), show_progress=cli.stderr_is_terminal())
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, ImportError) as e:
         _fail(f"data.source={c.data.source!r}: {cli.first_line(e)}")
     print(stats_markdown(stats), flush=True)

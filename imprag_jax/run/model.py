@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..data import paths
 from ..model import ConfigError
 from .config import RunError, model_config
 
@@ -51,6 +52,14 @@ def _pretrained_tokenizer(spec: str):
         from ..data.tokenizer import Tokenizer
 
         return Tokenizer.from_dir(spec)
+    if not paths.is_local(spec):  # a bucket directory: its tokenizer files, copied to a local cache first
+        try:
+            if paths.exists(paths.join(spec, "tokenizer.json")):
+                from ..data.tokenizer import Tokenizer
+
+                return Tokenizer.from_dir(paths.local_copy(spec, names=("tokenizer.json", "tokenizer_config.json")))
+        except paths.StorageError as e:
+            raise RunError(f"tokenizer directory {spec!r}: {e}") from None
     return None
 
 
