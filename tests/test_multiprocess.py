@@ -249,10 +249,10 @@ def _evaluate_cli(workdir, out, processes: int, *flags, timeout=300):
 def test_evaluate_cli_on_two_processes_matches_one_process(single_run, tmp_path):
     """`python -m imprag_jax.evaluate` started on 2 processes (IMPRAG_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID,
     as the launch scripts set them) evaluates the single run's checkpoint with the index on the global mesh (each
-    process encoding its share of the pool, also for the retrieval-only recall mode) and process 0 alone writes
+    process encoding its share of the pool, also for the retrieval-only recall modes) and process 0 alone writes
     the report: its rows equal those of the same command on one process."""
-    flags = ["--tasks=qa,fact_verification", "--modes=recall,imprag,oracle", "--k=1,5", "--limit=16", "--noplot",
-             "--predictions"]
+    flags = ["--tasks=qa,fact_verification", "--modes=recall,bm25_recall,imprag,oracle", "--k=1,5", "--limit=16",
+             "--noplot", "--predictions"]
     t0 = time.time()
     one = _evaluate_cli(single_run, str(tmp_path / "one"), 1, *flags)
     t1 = time.time()
@@ -266,7 +266,7 @@ def test_evaluate_cli_on_two_processes_matches_one_process(single_run, tmp_path)
     b = json.load(open(tmp_path / "two" / "report.json"))["rows"]
     assert [(r["task"], r["mode"], r["k"]) for r in a] == [(r["task"], r["mode"], r["k"]) for r in b]
     assert {(r["task"], r["mode"]) for r in a} == {(t, m) for t in ("qa", "fact_verification")
-                                                  for m in ("recall", "imprag", "oracle")}
+                                                  for m in ("recall", "bm25_recall", "imprag", "oracle")}
     for x, y in zip(a, b):
         assert sorted(x) == sorted(y), (x, y)
         for key in x:
