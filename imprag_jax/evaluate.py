@@ -17,6 +17,12 @@ and gold-provenance recall, for the model's retrieval (imprag) and for BM25 (bm2
 
 The evaluation itself is `imprag_jax.evaluation` (the trainer's final evaluation is the same code).
 Writes <workdir>/eval/report.json, report.md, report.png (and predictions.jsonl with --predictions).
+
+Several processes (one per host, started like the trainer: launch/tpu_pod.sh, launch/gpu_slurm.sh, or
+IMPRAG_COORDINATOR / IMPRAG_NUM_PROCESSES / IMPRAG_PROCESS_ID): jax.distributed is initialised as the trainer does
+(--distributed, default: when the environment names several processes), the index is built on the global mesh
+with each process encoding its share of the passages, every example is evaluated on every process and process 0
+alone writes the report; the same rows as one process. --kv_store and --backend scann are single-process.
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ flags.DEFINE_string("kv_store", None, "A passage K/V store folder (python -m imp
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
 flags.DEFINE_bool("predictions", False, "Also write every prediction to predictions.jsonl.")
 flags.DEFINE_bool("plot", True, "Write report.png (needs matplotlib; skipped with a note without it).")
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: when the environment names "
+                  "several processes).")
 
 
 def main(argv):
@@ -58,6 +66,11 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
+    from .train.distributed import maybe_initialize
+
+    maybe_initialize(FLAGS.distributed)  # before anything touches a device
+    import jax
+
     from .evaluation import run
     from .model import ConfigError
     from .run import RunError
@@ -69,9 +82,12 @@ def main(argv):
                   predictions=FLAGS.predictions, plot=FLAGS.plot, kv_store=FLAGS.kv_store)
     except (RunError, ConfigError) as e:
         cli.fail(str(e))
+    if not rep["written"]:  # another process of a multi-process evaluation: process 0 writes and prints
+        return
     out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
     print(f"{rep['name']}, step {rep['step']} ({rep['seconds']:.0f}s)\n{rep['table']}\n\nwrote {out}/report.json, "
-          f"report.md" + (", report.png" if rep.get("png") else ""), flush=True)
+          f"report.md" + (", report.png" if rep.get("png") else "")
+          + (f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""), flush=True)
     if rep.get("png_skipped"):
         print(rep["png_skipped"], file=sys.stderr)
 

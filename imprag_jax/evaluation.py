@@ -167,6 +167,24 @@ def params_mesh(params):
     return default_mesh()
 
 
+def replicated(params):
+    """Host parameters (every process holds the same copy) as global arrays replicated over every device of a
+    multi-process run: the mesh `params_mesh` then finds, which the index is built on."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .retrieval.index import default_mesh
+
+    rep = NamedSharding(default_mesh(), PartitionSpec())
+
+    def put(x):
+        h = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(h.shape, rep, lambda idx: h[idx])
+
+    return jax.tree.map(put, params)
+
+
 def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limit, step: int, split=None,
              batch_size=None, max_new_tokens=None, backend=None, corpus=None, ks_for: Optional[Callable] = None,
              timed: bool = False, bar=None, predictions=None, progress: bool = False, kv_store=None):
@@ -187,17 +205,23 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
     L_q, add_bos, pool, seed = R.eval_L_q(c), bool(c.data.add_bos), int(E.pool), int(c.seed)
     tasks = list(tasks)
     sharded = multi_process()  # the index on the global mesh, each process tokenizing and encoding its rows
-    if corpus is None and any(m in (() if sharded else ("imprag",)) + tuple(RECALL_MODES) for m in modes):
+    if corpus is None and not sharded and any(m in ("imprag",) + tuple(RECALL_MODES) for m in modes):
         corpus = corpus_tokens(data_dir, tokenizer, c.data.l_max)
+
+    def tokenize(rows):  # several processes: the passage rows of this process's devices only
+        return corpus_tokens(data_dir, tokenizer, c.data.l_max, rows=rows)
     rows = []
     rec_modes = [m for m in modes if m in RECALL_MODES]
     if rec_modes:  # retrieval only: the model's and BM25's recall over the same pool (eval.pool), no generation
         from .infer.recall import recall_rows
 
         t1 = time.time()
-        rec = recall_rows(params, cfg, data_dir, tasks, tokenizer, corpus=corpus, texts=passage_texts(data_dir),
+        texts = passage_texts(data_dir)
+        shard = dict(tokenize=tokenize, n_passages=len(texts), l_max=int(c.data.l_max),
+                     mesh=params_mesh(params)) if sharded else {}
+        rec = recall_rows(params, cfg, data_dir, tasks, tokenizer, corpus=None if sharded else corpus, texts=texts,
                           modes=rec_modes, split=split, limit=limit, L_q=L_q, add_bos=add_bos, pool=pool, seed=seed,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=progress, **shard)
         for r in rec if timed else ():
             r["seconds"] = round(time.time() - t1, 2)
         rows += rec
@@ -224,9 +248,6 @@ def evaluate(params, cfg, c, data_dir: str, tokenizer, *, tasks, modes, ks, limi
             except KVStoreError as e:  # a store of another corpus (passage count, l_max)
                 raise R.RunError(str(e)) from None
         elif sharded:
-            def tokenize(rows):
-                return corpus_tokens(data_dir, tokenizer, c.data.l_max, rows=rows)
-
             retriever = Retriever.build_sharded(params, cfg, len(texts), tokenize, texts, mesh=params_mesh(params),
                                                 l_max=int(c.data.l_max), step=step, backend=backend or E.backend,
                                                 rows=pool_sel)
@@ -254,7 +275,12 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
         max_new_tokens=None, backend=None, out_dir=None, predictions=False, plot=True, progress=True,
         kv_store: Optional[str] = None) -> dict:
     """Evaluate the run in `workdir` (config `c`, or its config.json when None); write the report; return it.
-    kv_store: a passage K/V store folder (`python -m imprag_jax.kv_store build`) to read passages from."""
+    kv_store: a passage K/V store folder (`python -m imprag_jax.kv_store build`) to read passages from.
+
+    Several processes (jax.distributed; every process calls it with the same arguments): the parameters are
+    replicated over the global mesh, the index is built there from each process's share of the corpus, every
+    example is evaluated on every process, and only process 0 writes the report (report["written"] says whether
+    this process did)."""
     from tqdm import tqdm
 
     from .data.pipeline import available_tasks
@@ -274,6 +300,13 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     bad = [m for m in modes if m not in MODES + RECALL_MODES]
     if bad or not modes:
         raise R.RunError(f"unknown mode(s) {bad or modes}; choose from {', '.join(MODES + RECALL_MODES)}")
+    if multi_process():  # before the checkpoint is read: the things one host's copy of the corpus is needed for
+        if kv_store:
+            raise R.RunError("reading from a passage K/V store (--kv_store) is single-process: run the evaluation "
+                             "on one host")
+        if "imprag" in modes and (backend or E.backend) == "scann":
+            raise R.RunError("the scann backend searches one host's copy of the index; a multi-process "
+                             "evaluation uses a device backend (--backend exact, binned or approx)")
     if step is not None and int(step) == 0:  # the initial weights of the config (a pretrained model, untrained)
         if c.model.init == "random":
             raise R.RunError("--checkpoint 0 evaluates the config's initial weights, but model.init is 'random'")
@@ -296,18 +329,20 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
     tok = R.tokenizer(c, data_dir)
     import jax
 
-    params = jax.tree.map(jax.numpy.asarray, params)
+    params = replicated(params) if multi_process() else jax.tree.map(jax.numpy.asarray, params)
+    writer = jax.process_index() == 0  # one writer of the report (several processes evaluate the same examples)
     from .run.session import open_kv_store
 
     store = open_kv_store(kv_store, params, cfg)
     t0 = time.time()
     total = sum(count_examples(data_dir, t, split, limit) for t in tasks) * len(modes)
     bar = tqdm(total=total, desc="evaluate", unit="ex", dynamic_ncols=True, mininterval=1.0,
-               disable=not progress or not cli.stderr_is_terminal())  # no bar in a redirected log
+               disable=not progress or not writer or not cli.stderr_is_terminal())  # none in a redirected log
     preds = [] if predictions else None
     rows = evaluate(params, cfg, c, data_dir, tok, tasks=tasks, modes=modes, ks=ks, limit=limit, step=step,
                     split=split, batch_size=batch_size, max_new_tokens=max_new_tokens, backend=backend, timed=True,
-                    bar=bar, predictions=preds, progress=progress and cli.stderr_is_terminal(), kv_store=store)
+                    bar=bar, predictions=preds, progress=progress and writer and cli.stderr_is_terminal(),
+                    kv_store=store)
     bar.close()
     max_new = int(max_new_tokens or E.max_new_tokens)
     report = {"workdir": os.path.abspath(workdir), "name": c.name, "step": step, "split": split, "limit": limit,
@@ -317,11 +352,15 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
               "kv_store": os.path.abspath(kv_store) if kv_store else None,
               "seconds": round(time.time() - t0, 2),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": rows}
+    table = markdown_table(rows)
+    if not writer:
+        report.update(table=table, png=None, written=False)
+        _leave_together()
+        return report
     out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown_table(rows)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(f"# {c.name}: evaluation at step {step}\n\n"
                 f"split `{split}`, {limit or 'all'} examples per task, greedy decoding of up to "
@@ -346,5 +385,15 @@ def run(c, workdir: str, *, tasks=None, modes=None, ks=None, limit=None, split=N
         else:
             report["png"] = os.path.join(out_dir, "report.png")
             plot_report(rows, report["png"], f"{c.name}, step {step}")
-    report["table"] = table
+    report.update(table=table, written=True)
+    _leave_together()
     return report
+
+
+def _leave_together():
+    """Several processes: wait for process 0's report (a process that exits first breaks the runtime's shutdown
+    barrier)."""
+    if multi_process():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("imprag_jax:evaluated")

@@ -22,9 +22,13 @@
 #    SIGTERM 5 minutes before the time limit (--signal below) makes the trainer save and stop.
 # 6. Resume: submit the same line again with the same WORKDIR (e.g. sbatch --dependency=afterany:<job> ...).
 # 7. Evaluate: the end-of-training evaluation runs on every node (index sharded over the job's GPUs) and writes
-#    $WORKDIR/eval/final.json|md; to evaluate again, submit the same line on the finished WORKDIR with
-#    --config.eval.* overrides (no step left: restore + evaluation only), or run `python -m imprag_jax.evaluate
-#    --workdir $WORKDIR` on one node when the model fits there.
+#    $WORKDIR/eval/final.json|md. To evaluate again on every node, ENTRY=evaluate runs `python -m imprag_jax.evaluate
+#    --distributed --config CONFIG --workdir WORKDIR [flags]` instead of the trainer, e.g.
+#      WORKDIR=/shared/runs/llama3_8b ENTRY=evaluate sbatch --nodes=2 launch/gpu_slurm.sh configs/llama3_1_8b.py:gpu8 \
+#          --config.mesh.data=2 [same --config.* as training] --tasks=nq,squad --modes=imprag,recall --k=1,5
+#    (index sharded over the nodes, each encoding its rows; process 0 writes $WORKDIR/eval/report.*; --kv_store and
+#    --backend scann are single-process). Alternatively rerun training on the finished WORKDIR with --config.eval.*
+#    overrides (no step left: restore + evaluation only).
 #SBATCH --job-name=imprag_jax
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -40,6 +44,8 @@ fi
 : "${SLURM_JOB_NODELIST:?run this script with sbatch (or inside salloc)}"
 : "${WORKDIR:?set WORKDIR to a directory every node sees}"
 CONFIG=$1; shift
+ENTRY=${ENTRY:-train}
+[[ "$ENTRY" == train || "$ENTRY" == evaluate ]] || { echo "ENTRY must be train or evaluate, got '$ENTRY'" >&2; exit 2; }
 mkdir -p "${LOG_DIR:-logs}"
 HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST"); COORD=${HOSTS%%$'\n'*}  # first host of the job
 export IMPRAG_COORDINATOR="$COORD:${COORD_PORT:-12355}"
@@ -48,5 +54,5 @@ echo "[gpu_slurm] job $SLURM_JOB_ID: $SLURM_NTASKS processes on $SLURM_JOB_NODEL
 [[ "${INSTALL:-0}" == 1 ]] && srun --ntasks-per-node=1 pip install -q -e '.[data]'
 # %t = the task's rank: one log per node; IMPRAG_PROCESS_ID is each task's own SLURM_PROCID
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 --output="${LOG_DIR:-logs}/slurm-%j-task%t.log" \
-  bash -c 'export IMPRAG_PROCESS_ID=$SLURM_PROCID; exec python -m imprag_jax.train --distributed --config "$0" --workdir "$1" "${@:2}"' \
-  "$CONFIG" "$WORKDIR" "$@"
+  bash -c 'export IMPRAG_PROCESS_ID=$SLURM_PROCID; exec python -m "imprag_jax.$0" --distributed --config "$1" --workdir "$2" "${@:3}"' \
+  "$ENTRY" "$CONFIG" "$WORKDIR" "$@"

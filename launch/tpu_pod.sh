@@ -23,16 +23,23 @@
 # 6. Resume: the same command with the same WORKDIR (SKIP_INSTALL=1 skips pip); after a preemption recreate the
 #    slice and remount first.
 # 7. Evaluate: the end-of-training evaluation runs on every host (index sharded over the slice) and writes
-#    $WORKDIR/eval/final.json|md; to evaluate again, rerun the command on the finished WORKDIR with --config.eval.*
-#    overrides (no step left: restore + evaluation only), or run `python -m imprag_jax.evaluate --workdir $WORKDIR`
-#    on one host when the model fits there.
-# Env: GCP_PROJECT, NUM_WORKERS (default: read from the TPU), SKIP_INSTALL=1, REMOTE_DIR (~/imprag_jax), LOG_DIR.
+#    $WORKDIR/eval/final.json|md. To evaluate again on every host, ENTRY=evaluate runs `python -m imprag_jax.evaluate
+#    --distributed --config CONFIG --workdir WORKDIR [flags]` instead of the trainer, e.g.
+#      WORKDIR=... ENTRY=evaluate SKIP_INSTALL=1 bash launch/tpu_pod.sh my-v5p-32 us-east5-a \
+#          configs/llama3_1_8b.py:v5p-32 [same --config.* as training] --tasks=nq,squad --modes=imprag,recall
+#    (index sharded over the slice, each host encoding its rows; process 0 writes $WORKDIR/eval/report.*;
+#    --kv_store and --backend scann are single-process). Alternatively rerun training on the finished WORKDIR with
+#    --config.eval.* overrides (no step left: restore + evaluation only).
+# Env: ENTRY (train | evaluate; default train), GCP_PROJECT, NUM_WORKERS (default: read from the TPU),
+#      SKIP_INSTALL=1, REMOTE_DIR (~/imprag_jax), LOG_DIR.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
   echo "usage: WORKDIR=/shared/run bash $0 TPU_NAME ZONE CONFIG[:arg] [--config.key=value ...]" >&2
   exit 2
 fi
 TPU=$1; ZONE=$2; CONFIG=$3; shift 3
+ENTRY=${ENTRY:-train}
+[[ "$ENTRY" == train || "$ENTRY" == evaluate ]] || { echo "ENTRY must be train or evaluate, got '$ENTRY'" >&2; exit 2; }
 : "${WORKDIR:?set WORKDIR to a directory every TPU host sees (shared mount)}"
 REMOTE_DIR=${REMOTE_DIR:-imprag_jax}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,7 +57,7 @@ INSTALL="mkdir -p ~/$REMOTE_DIR && tar xzf ~/imprag_jax.tgz -C ~/$REMOTE_DIR"
 "${G[@]}" ssh "$TPU" --worker=all "${F[@]}" --command="$INSTALL"
 
 ARGS=""; (( $# )) && ARGS=$(printf ' %q' "$@")
-CMD="cd ~/$REMOTE_DIR && python -m imprag_jax.train --distributed --config $(printf %q "$CONFIG") --workdir $(printf %q "$WORKDIR")$ARGS"
+CMD="cd ~/$REMOTE_DIR && python -m imprag_jax.$ENTRY --distributed --config $(printf %q "$CONFIG") --workdir $(printf %q "$WORKDIR")$ARGS"
 pids=()
 for ((w = 0; w < N; w++)); do  # one ssh per worker, so every host's output lands in its own log
   "${G[@]}" ssh "$TPU" --worker="$w" "${F[@]}" --command="$CMD" > "$LOGS/worker$w.log" 2>&1 &

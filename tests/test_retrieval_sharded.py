@@ -149,3 +149,61 @@ def test_sharded_index_build_matches_encode_corpus():
     (device-resident tokens) give what `encode_corpus` / `Retriever.build` give, here on one process of 8 devices
     (tests/test_multiprocess.py runs them on 2 processes)."""
     assert "sharded build: ok" in run_with_devices(SHARDED_BUILD, n=8, timeout=300)
+
+
+SHARDED_REFRESH = r'''
+import jax, jax.numpy as jnp, numpy as np
+from imprag_jax.model import ModelConfig, init_params
+from imprag_jax.model.sharding import make_mesh
+from imprag_jax.retrieval import IndexRefresher
+from imprag_jax.retrieval.encode import local_index_rows, put_local_rows
+
+mesh = make_mesh(data=4, fsdp=1, tensor=2)
+cfg = ModelConfig.tiny(b=1, t=2)
+params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+rng = np.random.default_rng(0)
+tok = rng.integers(1, cfg.vocab_size, (37, 9)).astype(np.int32)
+mask = np.ones_like(tok, np.int32); mask[::3, 6:] = 0
+asked = []
+
+def tokenize(rows):
+    asked.append(np.asarray(rows))
+    return tok[rows], mask[rows]
+
+# put_local_rows: a process's rows (here all of them) as a global padded array, zeros past n
+x = put_local_rows(37, local_index_rows(37, mesh), tok, mesh)
+assert x.shape == (40, 9) and (np.asarray(x)[:37] == tok).all() and not np.asarray(x)[37:].any()
+
+kw = dict(batch_size=16, mesh=mesh, index_mesh=mesh, keep_tokens=True, dtype=jnp.float32)
+full = IndexRefresher(2, cfg=cfg, tokens=tok, mask=mask, progress=False, **kw)
+shard = IndexRefresher(2, cfg=cfg, n=37, l_max=9, tokenize=tokenize, **kw)
+a, b = full.maybe_refresh(0, params), shard.maybe_refresh(0, params)
+assert b.n == 37 and b.num_padded == a.num_padded and b.config_hash == a.config_hash and int(b.step) == 0
+assert b.embeddings.sharding == a.embeddings.sharding
+np.testing.assert_allclose(np.asarray(b.embeddings), np.asarray(a.embeddings), rtol=1e-5, atol=1e-6)
+for u, v in ((a.tokens, b.tokens), (a.mask, b.mask)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+assert shard.maybe_refresh(1, params) is None and shard.maybe_refresh(2, params) is not None
+assert len(asked) == 1  # tokenized once, re-encoded at every refresh
+
+# resume from checkpointed embeddings: the same index (tokens from the process's own rows), then the schedule
+r = IndexRefresher(2, cfg=cfg, n=37, l_max=9, tokenize=tokenize, **kw)
+assert r.resume(b.embeddings, 0, b.config_hash) and r.last_step == 0 and not r.due(1) and r.due(2)
+for u, v in ((r.index.embeddings, b.embeddings), (r.index.tokens, b.tokens), (r.index.mask, b.mask)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+assert not r.resume(b.embeddings, 0, "another model")
+try:
+    IndexRefresher(2, cfg=cfg, tokens=tok, mask=mask, tokenize=tokenize, n=37, l_max=9, mesh=mesh)
+except ValueError as e:
+    assert "either" in str(e)
+else:
+    raise AssertionError("tokens and tokenize together")
+print("sharded refresh: ok")
+'''
+
+
+def test_sharded_index_refresh_matches_the_whole_corpus_refresh():
+    """`IndexRefresher` in its multi-process form (each process tokenizing, once, and encoding the rows its devices
+    hold) gives the index of the whole-corpus refresher, and resumes a checkpointed index with the same token rows;
+    here on one process of 8 devices (tests/test_multiprocess.py trains with it on 2 processes)."""
+    assert "sharded refresh: ok" in run_with_devices(SHARDED_REFRESH, n=8, timeout=300)

@@ -84,35 +84,46 @@ def _row(task, split, mode, pool_n, ranked, gold, answers, texts, valid) -> Dict
 
 
 def recall_rows(params, cfg: Optional[ModelConfig], data_dir: str, tasks: Sequence[str], tokenizer, *,
-                corpus, texts: Optional[Sequence[str]] = None, modes: Sequence[str] = MODES, split: str = "dev",
+                corpus=None, texts: Optional[Sequence[str]] = None, modes: Sequence[str] = MODES, split: str = "dev",
                 limit: Optional[int] = None, L_q: int = 64, add_bos: bool = True, pool: int = 0, seed: int = 0,
-                batch_size: int = 64, encode_batch: int = 64, progress: bool = False) -> List[Dict]:
+                batch_size: int = 64, encode_batch: int = 64, progress: bool = False, tokenize=None,
+                n_passages: Optional[int] = None, l_max: Optional[int] = None, mesh=None) -> List[Dict]:
     """One row per task and mode ("recall": the model's retriever; "bm25_recall": BM25 with the prompt text as the
-    query) over the same pool. corpus: (tokens [N, l], mask [N, l]) of the whole knowledge source."""
+    query) over the same pool. corpus: (tokens [N, l], mask [N, l]) of the whole knowledge source; or, in a
+    multi-process run (every process calls it together), `tokenize(rows) -> (tokens, mask)` with `n_passages`,
+    `l_max` and the global `mesh`: each process tokenizes and encodes only the pool rows its devices hold
+    (`encode_corpus_sharded`), the pool's index on the mesh; the same rows as the single-process call."""
     from ..retrieval import encode_corpus
+    from ..retrieval.encode import encode_corpus_sharded
     from ..retrieval.pool import bm25_search
+    from .imprag import to_host
 
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown recall modes {bad}; choose from {MODES}")
     per_task = {t: _collect(data_dir, t, split, tokenizer, limit=limit, L_q=L_q, add_bos=add_bos,
                             batch_size=batch_size) for t in tasks}
-    toks, mask = corpus
-    sel = pool_rows(len(toks), [g for d in per_task.values() for g in d["gold"]], pool, seed)
+    n_source = len(corpus[0]) if tokenize is None else int(n_passages)
+    sel = pool_rows(n_source, [g for d in per_task.values() for g in d["gold"]], pool, seed)
     kmax = max(RECALL_KS)
     rows: List[Dict] = []
     emb = None
-    if "recall" in modes:
+    if "recall" in modes and tokenize is None:
+        toks, mask = corpus
         index = encode_corpus(params, cfg, np.asarray(toks)[sel], np.asarray(mask)[sel], batch_size=encode_batch,
                               keep_tokens=False, progress=progress)
-        emb = jnp.asarray(index.embeddings, jnp.float32)
+        emb = jnp.asarray(index.embeddings, jnp.float32)[: len(sel)]  # not the rows that pad it to the mesh
+    elif "recall" in modes:
+        index = encode_corpus_sharded(params, cfg, len(sel), lambda ix: tokenize(sel[ix]), mesh=mesh, l_max=l_max,
+                                      batch_size=encode_batch, keep_tokens=False)
+        emb = jnp.asarray(index.embeddings, jnp.float32)[: len(sel)]
     sub_texts = [texts[j] for j in sel] if texts is not None and "bm25_recall" in modes else None
     for task, d in per_task.items():
         if "recall" in modes:
             e_q = jnp.concatenate([_e_q(params, cfg, jnp.asarray(t), jnp.asarray(m))
                                    for t, m in zip(d["tokens"], d["mask"])])
             _, local = jax.lax.top_k(e_q @ emb.T, min(kmax, len(sel)))
-            ranked = sel[np.asarray(local)]
+            ranked = sel[to_host(local)]
             rows.append(_row(task, split, "recall", len(sel), ranked, d["gold"], d["answers"], texts, d["valid"]))
         if "bm25_recall" in modes:
             if sub_texts is None:

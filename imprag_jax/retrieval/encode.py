@@ -284,6 +284,27 @@ def local_index_rows(n: int, mesh) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0,), np.int64)
 
 
+def put_local_rows(n: int, rows: np.ndarray, x: np.ndarray, mesh) -> jax.Array:
+    """A global `[padded_rows(n), ...]` array row-sharded over `mesh` from this process's share only: `rows` =
+    `local_index_rows(n, mesh)` and `x` their values (rows past n are zero). Every process calls it together;
+    nothing leaves the process that holds it (e.g. the token ids of a restored index, without tokenizing the rest
+    of the corpus)."""
+    mesh = auto_mesh(mesh)
+    n_pad = padded_rows(n, mesh)
+    x = np.asarray(x)
+    if len(rows) != len(x):
+        raise ValueError(f"{len(x)} values for {len(rows)} rows")
+
+    def part(idx):
+        a, b = idx[0].start or 0, idx[0].stop if idx[0].stop is not None else n_pad
+        out = np.zeros((b - a,) + x.shape[1:], x.dtype)
+        lo, hi = np.searchsorted(rows, [a, min(b, n)])
+        out[rows[lo:hi] - a] = x[lo:hi]
+        return out
+
+    return jax.make_array_from_callback((n_pad,) + x.shape[1:], NamedSharding(mesh, row_spec(mesh)), part)
+
+
 def encode_corpus_sharded(params, cfg, n: int, rows_tokens: Callable[[np.ndarray], tuple], *, mesh, l_max: int,
                           batch_size: int = 64, step: int = 0,
                           fingerprint: Union[str, Mapping[str, Any], None] = None, dtype=jnp.bfloat16,

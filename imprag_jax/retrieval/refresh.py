@@ -12,6 +12,10 @@ The first call always encodes (there is no index yet) unless an `index` is hande
 embeddings, at the same refresh), published in that slot for a compiled step's `slot_search_in_graph`; the
 newest is `refresher.scann`.
 
+Several processes (jax.distributed): `IndexRefresher(..., n=N, tokenize=fn, l_max=l)` instead of tokens/mask:
+each process tokenizes (`fn(rows) -> (tokens, mask)`, once) and encodes only the rows its devices hold, the index
+assembled on the global mesh (`encode_corpus_sharded`); the same index as a single process's `encode_corpus`.
+
 Exact resume: a checkpoint keeps the current index's embeddings (`run.checkpoint.Checkpoints.save(index=...)`);
 `resume(embeddings, step, config_hash)` puts that index back (tokens and mask from the corpus), so the resumed
 run mines from the same index as the uninterrupted one until the next scheduled refresh.
@@ -22,28 +26,38 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
-from imprag_jax.retrieval.encode import encode_corpus
+from imprag_jax.retrieval.encode import encode_corpus, encode_corpus_sharded, local_index_rows, put_local_rows
 from imprag_jax.retrieval.index import PassageIndex
 
 log = logging.getLogger(__name__)
 
 
 class IndexRefresher:
-    def __init__(self, every_n_steps: int, *, cfg, tokens, mask, batch_size: int = 64, mesh=None,
+    def __init__(self, every_n_steps: int, *, cfg, tokens=None, mask=None, batch_size: int = 64, mesh=None,
                  index: Optional[PassageIndex] = None, save_dir: Optional[str] = None, keep: int = 1,
-                 scann_slot: Optional[str] = None, **encode_kwargs: Any):
-        """`encode_kwargs` go to `encode_corpus` (dtype, fingerprint, index_mesh, keep_tokens, progress, ...)."""
+                 scann_slot: Optional[str] = None, n: Optional[int] = None, tokenize: Optional[Callable] = None,
+                 l_max: Optional[int] = None, **encode_kwargs: Any):
+        """`encode_kwargs` go to `encode_corpus` (dtype, fingerprint, index_mesh, keep_tokens, progress, ...).
+        `tokenize` (with `n` passages of `l_max` tokens, on the global `mesh`, every process together): the
+        sharded encoding of a multi-process run, each process tokenizing only its own rows."""
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if (tokenize is None) == (tokens is None):
+            raise ValueError("give either tokens and mask (the whole corpus) or tokenize (each process's rows)")
+        if tokenize is not None and (n is None or l_max is None or mesh is None):
+            raise ValueError("the sharded encoding (tokenize) needs n, l_max and the global mesh")
         self.every_n_steps = int(every_n_steps)
         self.cfg = cfg
-        self.tokens = np.asarray(tokens)
-        self.mask = np.asarray(mask)
+        self.tokens = None if tokens is None else np.asarray(tokens)
+        self.mask = None if mask is None else np.asarray(mask)
+        self.n = len(self.tokens) if tokenize is None else int(n)
+        self.tokenize, self.l_max = tokenize, l_max
+        self._local = None  # (rows, tokens, mask) of this process's share (sharded encoding), tokenized once
         self.batch_size = batch_size
         self.mesh = mesh
         self.index = index
@@ -69,8 +83,14 @@ class IndexRefresher:
         if not (force or self.due(step)):
             return None
         t0 = time.perf_counter()
-        index = encode_corpus(params, self.cfg, self.tokens, self.mask, batch_size=self.batch_size,
-                              mesh=self.mesh, step=int(step), **self.encode_kwargs)
+        if self.tokenize is None:
+            index = encode_corpus(params, self.cfg, self.tokens, self.mask, batch_size=self.batch_size,
+                                  mesh=self.mesh, step=int(step), **self.encode_kwargs)
+        else:
+            kw = {k: v for k, v in self.encode_kwargs.items() if k in ("fingerprint", "dtype", "keep_tokens",
+                                                                       "embed_fn")}
+            index = encode_corpus_sharded(params, self.cfg, self.n, self._rows_tokens, mesh=self._index_mesh(),
+                                          l_max=self.l_max, batch_size=self.batch_size, step=int(step), **kw)
         secs = time.perf_counter() - t0
         self.index = index
         self.history.append((int(step), secs))
@@ -81,26 +101,41 @@ class IndexRefresher:
             self._save(index, int(step))
         return index
 
+    def _index_mesh(self):
+        from imprag_jax.retrieval.index import auto_mesh, default_mesh
+
+        return self.encode_kwargs.get("index_mesh") or (auto_mesh(self.mesh) if self.mesh is not None
+                                                        else default_mesh())
+
+    def _rows_tokens(self, rows: np.ndarray):
+        """This process's rows (sharded encoding): tokenized on the first call, then kept (the corpus is fixed)."""
+        if self._local is None or not np.array_equal(self._local[0], rows):
+            self._local = (np.asarray(rows), *(np.asarray(a) for a in self.tokenize(rows)))
+        return self._local[1], self._local[2]
+
     def resume(self, embeddings, step: int, config_hash: str) -> bool:
         """Restores the index of a checkpoint from its (padded, row-sharded) device embeddings, the step that
         encoded them and their config fingerprint; False (nothing restored: the next `maybe_refresh` encodes)
         when the fingerprint is not this model's."""
         from imprag_jax.retrieval.encode import _resolve_fingerprint
-        from imprag_jax.retrieval.index import _put_rows, auto_mesh, default_mesh, padded_rows
+        from imprag_jax.retrieval.index import _put_rows, padded_rows
 
         fp = _resolve_fingerprint(self.cfg, self.encode_kwargs.get("fingerprint"))
         if config_hash != fp:
             log.warning("checkpointed index has config fingerprint %s, the model %s: re-encoding", config_hash, fp)
             return False
-        mesh = self.encode_kwargs.get("index_mesh") or (auto_mesh(self.mesh) if self.mesh is not None
-                                                        else default_mesh())
-        n = len(self.tokens)
+        mesh = self._index_mesh()
+        n = self.n
         if embeddings.shape[0] != padded_rows(n, mesh):
             log.warning("checkpointed index has %d rows, the corpus pads to another count: re-encoding",
                         embeddings.shape[0])
             return False
         tok = msk = None
-        if self.encode_kwargs.get("keep_tokens", True):
+        if self.encode_kwargs.get("keep_tokens", True) and self.tokenize is not None:  # this process's rows only
+            rows = local_index_rows(n, mesh)
+            t, m = self._rows_tokens(rows)
+            tok, msk = put_local_rows(n, rows, t.astype(np.int32), mesh), put_local_rows(n, rows, m, mesh)
+        elif self.encode_kwargs.get("keep_tokens", True):
             tok = _put_rows(self.tokens.astype(np.int32), mesh, embeddings.shape[0])
             msk = _put_rows(self.mask, mesh, embeddings.shape[0])
         self.index = PassageIndex(embeddings, tok, msk, step=int(step), n=n, config_hash=config_hash, mesh=mesh)

@@ -28,6 +28,11 @@ def step_config(c) -> StepConfig:
     if backend not in INDEX_BACKENDS:
         _fail(f"train.index_backend must be one of {INDEX_BACKENDS}, got {backend!r}")
     if backend == "scann" and t.candidates != "pseudo":
+        import jax
+
+        if jax.process_count() > 1:
+            _fail("train.index_backend='scann' searches one host's copy of the index; a multi-process run mines "
+                  "with 'exact' or 'binned'")
         from ..retrieval.scann_backend import INSTALL_HINT, scann_available
 
         if not scann_available():

@@ -203,19 +203,29 @@ def _index_refresher(c, s: Setup, ddir: str, tokenizer, bcfg):
     from ..retrieval.index import padded_rows
     from .state import index_specs
 
-    ctoks, cmask = corpus_tokens(ddir, tokenizer, bcfg.l_max)
     backend = T.get("index_backend", "exact")
     # train.index_backend = "scann": every refresh also builds a host ScaNN searcher from the same embeddings and
     # publishes it in a slot of this run, which the compiled step's pure_callback searches
     slot = f"train:{uuid.uuid4().hex[:12]}" if backend == "scann" else None
-    refresher = IndexRefresher(T.refresh_every, cfg=s.cfg, tokens=ctoks, mask=cmask, batch_size=256, mesh=s.mesh,
-                               index_mesh=s.mesh, keep_tokens=True, scann_slot=slot,
-                               progress=True)  # a bar on a terminal: the first index of a large corpus takes minutes
+    if evaluation.multi_process():  # each process tokenizes and encodes the index rows of its own devices
+        # (index_backend 'scann', a host searcher of the whole index, is refused with several processes: step_config)
+        from ..infer.imprag import passage_texts
+
+        n = len(passage_texts(ddir))
+        refresher = IndexRefresher(T.refresh_every, cfg=s.cfg, n=n, l_max=bcfg.l_max, batch_size=256, mesh=s.mesh,
+                                   tokenize=lambda rows: corpus_tokens(ddir, tokenizer, bcfg.l_max, rows=rows),
+                                   index_mesh=s.mesh, keep_tokens=True)
+    else:
+        ctoks, cmask = corpus_tokens(ddir, tokenizer, bcfg.l_max)
+        n = len(ctoks)
+        refresher = IndexRefresher(T.refresh_every, cfg=s.cfg, tokens=ctoks, mask=cmask, batch_size=256,
+                                   mesh=s.mesh, index_mesh=s.mesh, keep_tokens=True, scann_slot=slot,
+                                   progress=True)  # a bar on a terminal: the first index of a large corpus: minutes
     n_neg_slots = bcfg.k - (bcfg.n_pos if bcfg.positives != "gold" else 1)
     n_rep = n_neg_slots if T.candidates == "index" else min(T.index_negatives, n_neg_slots)
-    sc = dataclasses.replace(s.sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=len(ctoks),
+    sc = dataclasses.replace(s.sc, candidates=T.candidates, n_replace=max(1, n_rep), n_index=n,
                              index_backend=backend, scann_slot=slot or "")
-    index_abs = index_specs(padded_rows(len(ctoks), s.mesh), s.cfg.retrieval_dim, bcfg.l_max, s.mesh)
+    index_abs = index_specs(padded_rows(n, s.mesh), s.cfg.retrieval_dim, bcfg.l_max, s.mesh)
     return refresher, index_abs, dataclasses.replace(s, sc=sc)
 
 
