@@ -78,6 +78,10 @@ ROWS = {
                            "as query_filler_all, but a filled row's reader reads its unfilled prompt with the "
                            "generation loss (the filled prompt, up to 40 tokens, goes to E_q only: one more "
                            "bottom-group pass), so the reader trains on every row as in the default (L_q 24)"),
+    "query_filler_split_every": ("", ["--config.data.query_filler=1.0", "--config.data.L_query=40",
+                                      "--config.data.query_filler_pool=all", "--config.data.query_filler_split=True"],
+                                 "as query_filler_split, with filler words (0-24, uniform) in E_q's prompt of every "
+                                 "retrieval row: the reader is unchanged, the query sees twice the filled rows"),
     # beyond the paper: candidates from the model's own index (in the NCE stage and the KL stage)
     "distill_index": ("", T2 + ["--config.train.stages=both", "--config.train.candidates=mixed"],
                       "warmup_distill with up to 2 of each example's 3 negatives mined from the model's own index "
