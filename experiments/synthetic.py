@@ -82,6 +82,11 @@ ROWS = {
                                       "--config.data.query_filler_pool=all", "--config.data.query_filler_split=True"],
                                  "as query_filler_split, with filler words (0-24, uniform) in E_q's prompt of every "
                                  "retrieval row: the reader is unchanged, the query sees twice the filled rows"),
+    "query_filler_split_shuffle": ("", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
+                                        "--config.data.query_filler_pool=all", "--config.data.query_filler_split=True",
+                                        "--config.data.query_filler_order=shuffle"],
+                                   "as query_filler_split, E_q's filled prompt the question's words and the filler "
+                                   "in a random order (the name anywhere, first included, as in slot filling)"),
     # beyond the paper: candidates from the model's own index (in the NCE stage and the KL stage)
     "distill_index": ("", T2 + ["--config.train.stages=both", "--config.train.candidates=mixed"],
                       "warmup_distill with up to 2 of each example's 3 negatives mined from the model's own index "

@@ -52,7 +52,7 @@ def base_config() -> mlc.ConfigDict:
         neg_ranks=[10, 50], random_neg_fraction=0.25, cf=1.0, cf_negatives=True, add_bos=True, prefetch=2,
         # filler words before the answer marker of a share of the retrieval rows (data/pipeline.py, BatchConfig)
         query_filler=0.0, query_filler_max=24, query_filler_pool="unseen", query_filler_gen=True,
-        query_filler_split=False, L_query=0))
+        query_filler_split=False, query_filler_order="after", L_query=0))
     c.train = mlc.ConfigDict(dict(
         steps=4000, lr=2e-3, warmup_steps=150, end_lr_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.98,
         clip=1.0, accum=1,

@@ -358,3 +358,29 @@ def test_query_filler_split_gives_e_q_the_filled_prompt_and_the_reader_the_plain
     assert own["query_mask"].sum(1).max() > 24
     with pytest.raises(ValueError, match="L_query"):
         _cfg(L_query=40)
+
+
+def test_query_filler_shuffle_mixes_the_question_words_with_the_filler(wdir, tok):
+    """query_filler_order="shuffle": a filled query holds exactly the question's words plus filler words, the
+    marker last, the order changed in most rows; the reader's rows (split) and the "after" rows are unchanged."""
+    kw = dict(tasks={"qa": 1.0}, free_batch_size=0, positives="gold", negatives="generator", n_neg=3, cf=0.0, L_q=24,
+              query_filler=1.0, query_filler_pool="all", query_filler_split=True, L_query=40)
+    after = _it(wdir, tok, _cfg(**kw)).batch(0)
+    mixed = _it(wdir, tok, _cfg(query_filler_order="shuffle", **kw)).batch(0)
+    pool = set(P.filler_words(S.World.load(wdir), "all"))
+    for k in after:
+        if not k.startswith("query"):
+            assert np.array_equal(after[k], mixed[k]), k
+    moved = 0
+    for i in range(len(mixed["tokens"])):
+        p = _words(tok, mixed["tokens"][i][mixed["prompt_mask"][i] == 1]).split()
+        q = _words(tok, mixed["query_tokens"][i][mixed["query_mask"][i] == 1]).split()
+        assert q[-2:] == p[-2:] == ["A", ":"]
+        rest = list(q[:-2])
+        for w in p[:-2]:  # every question word is there; what is left is filler
+            rest.remove(w)
+        assert set(rest) <= pool
+        moved += q[:len(p) - 2] != p[:-2]
+    assert moved >= len(mixed["tokens"]) // 2
+    with pytest.raises(ValueError, match="query_filler_order"):
+        _cfg(query_filler_order="first")

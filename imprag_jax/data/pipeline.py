@@ -123,6 +123,8 @@ class BatchConfig:
     query_filler_split: bool = False     # True: the filled prompt goes to E_q only and the reader reads (and trains
     #                                      its generation loss on) the row's unfilled prompt; every retrieval row
     #                                      then carries `query_tokens` / `query_mask` [L_query], E_q's own prompt
+    query_filler_order: str = "after"    # "after": the filler between the question and the answer marker |
+    #                                      "shuffle": the question's words and the filler in a random order
     L_query: int = 0                     # length of E_q's own prompt under query_filler_split (the filled prompt
     #                                      fits it); 0 = L_q. The reader's unfilled prompt keeps L_q
     add_bos: bool = True
@@ -144,6 +146,8 @@ class BatchConfig:
             raise ValueError("cf, random_neg_fraction and query_filler are probabilities")
         if self.query_filler_pool not in ("unseen", "all"):
             raise ValueError(f"query_filler_pool must be unseen|all, got {self.query_filler_pool!r}")
+        if self.query_filler_order not in ("after", "shuffle"):
+            raise ValueError(f"query_filler_order must be after|shuffle, got {self.query_filler_order!r}")
         if self.query_filler_max < 0:
             raise ValueError(f"query_filler_max must be >= 0, got {self.query_filler_max}")
         if self.L_query < 0 or (self.L_query and not self.query_filler_split):
@@ -626,13 +630,25 @@ class TrainBatches:
         """The prompt with 0..query_filler_max random instruction-like words (`filler_words`) inserted before its
         answer marker ("A:"; the end when it has none), as many as fit L_q: the entity the question names then
         sits at varied distances from the last token, whose query state must find it by content (prompts of
-        unseen formats put ~20 instruction words after it). The filled prompt fits `L_q` tokens."""
+        unseen formats put ~20 instruction words after it). With query_filler_order = "shuffle" the question's
+        words and the filler words come in a random order (the entity anywhere, first included, as in slot
+        filling's prompt), the marker last. The filled prompt fits `L_q` tokens."""
         if self._filler is None:
             self._filler = filler_words(self.world, self.cfg.query_filler_pool)
         cut = prompt.rstrip().rfind("A:") if prompt.rstrip().endswith("A:") else len(prompt)
         head, tail = prompt[:cut].rstrip(), prompt[cut:].strip()
         n = int(rng.integers(0, self.cfg.query_filler_max + 1))
         words = [self._filler[i] for i in rng.integers(len(self._filler), size=n)]
+        if self.cfg.query_filler_order == "shuffle":
+            q = head.split()
+            order = rng.permutation(len(q) + n)  # over the question's words and all n filler words
+            while n >= 0:
+                bag = q + words[:n]
+                text = " ".join([bag[i] for i in order if i < len(bag)] + ([tail] if tail else []))
+                if len(self.enc.prompt(text, 10 ** 6, TruncationStats())) <= L_q:
+                    return text
+                n -= 1
+            return prompt
         while n > 0:
             text = " ".join(x for x in (head, " ".join(words[:n]), tail) if x)
             if len(self.enc.prompt(text, 10 ** 6, TruncationStats())) <= L_q:

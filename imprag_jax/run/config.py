@@ -116,6 +116,7 @@ def batch_config(c):
                            query_filler_pool=d.get("query_filler_pool", "unseen"),
                            query_filler_gen=d.get("query_filler_gen", True),
                            query_filler_split=d.get("query_filler_split", False), L_query=d.get("L_query", 0),
+                           query_filler_order=d.get("query_filler_order", "after"),
                            seed=c.seed)
     except ValueError as e:
         _fail(f"data config: {e}")
