@@ -76,6 +76,21 @@ def _batch(shapes, n_index, rng):
     return b
 
 
+def time_interleaved(run_step, variants, rounds: int, state, out: dict):
+    """One warm-up step per variant, then `rounds` rounds of one timed step each (A, B, ..., A, B, ...), the state
+    chained through all of them: fills out[v]["step_s_all"] and its median out[v]["step_s"]; returns the state."""
+    for v in variants:
+        state = run_step(v, state)
+    for _ in range(rounds):
+        for v in variants:
+            t0 = time.perf_counter()
+            state = run_step(v, state)
+            out[v].setdefault("step_s_all", []).append(time.perf_counter() - t0)
+    for v in variants:
+        out[v]["step_s"] = float(np.median(out[v]["step_s_all"]))
+    return state
+
+
 def bench_corpus(n, c, s, rounds, rng, steps_cache):
     import jax
     import jax.numpy as jnp
@@ -133,15 +148,7 @@ def bench_corpus(n, c, s, rounds, rng, steps_cache):
         jax.block_until_ready(out)
         return out[0]
 
-    for v in VARIANTS:  # warm-up
-        state = run_step(v, state)
-    for r in range(rounds):
-        for v in VARIANTS:
-            t0 = time.perf_counter()
-            state = run_step(v, state)
-            res["variants"][v]["step_s_all"].append(time.perf_counter() - t0)
-    for v in VARIANTS:
-        res["variants"][v]["step_s"] = float(np.median(res["variants"][v]["step_s_all"]))
+    time_interleaved(run_step, VARIANTS, rounds, state, res["variants"])
     base = res["variants"]["exact"]["step_s"]
     res["ratios_vs_exact"] = {v: res["variants"][v]["step_s"] / base for v in VARIANTS}
     res["mining_overhead_s"] = {v: res["variants"][v]["step_s"] - res["variants"]["none"]["step_s"]

@@ -67,6 +67,7 @@ def main(argv=None):
     import jax.numpy as jnp
 
     from configs import synthetic
+    from mined_step import time_interleaved
     from imprag_jax.train.setup import build
     from imprag_jax.train.state import compile_step, create_state
 
@@ -104,15 +105,7 @@ def main(argv=None):
         jax.block_until_ready(out)
         return out[0]
 
-    for v in VARIANTS:  # warm-up
-        state = run_step(v, state)
-    for _ in range(rounds):
-        for v in VARIANTS:
-            t0 = time.perf_counter()
-            state = run_step(v, state)
-            res["variants"][v]["step_s_all"].append(time.perf_counter() - t0)
-    for v in VARIANTS:
-        res["variants"][v]["step_s"] = float(np.median(res["variants"][v]["step_s_all"]))
+    time_interleaved(run_step, VARIANTS, rounds, state, res["variants"])
     res["split_over_default"] = res["variants"]["split"]["step_s"] / res["variants"]["default"]["step_s"]
     res["machine"]["loadavg_at_end"] = list(os.getloadavg())
     with open(args.json, "w") as f:

@@ -98,12 +98,13 @@ def test_sharded_retrieval_on_8_devices():
         assert line in out
 
 
-SHARDED_BUILD = r'''
+# both programs: a tiny model, 37 rows of 9 random tokens (every third one shorter), a 4 x 2 mesh
+SHARDED_ROWS = r'''
 import jax, jax.numpy as jnp, numpy as np
 from imprag_jax.model import ModelConfig, init_params
 from imprag_jax.model.sharding import make_mesh
-from imprag_jax.retrieval import encode_corpus
-from imprag_jax.retrieval.encode import encode_corpus_sharded, local_index_rows
+from imprag_jax.retrieval import IndexRefresher, encode_corpus
+from imprag_jax.retrieval.encode import encode_corpus_sharded, local_index_rows, put_local_rows
 from imprag_jax.infer.imprag import Retriever
 
 mesh = make_mesh(data=4, fsdp=1, tensor=2)
@@ -113,6 +114,10 @@ rng = np.random.default_rng(0)
 tok = rng.integers(1, cfg.vocab_size, (37, 9)).astype(np.int32)
 mask = np.ones_like(tok, np.int32); mask[::3, 6:] = 0
 asked = []
+'''
+
+
+SHARDED_BUILD = SHARDED_ROWS + r'''
 
 def rows_tokens(ix):
     asked.append(np.asarray(ix))
@@ -151,20 +156,7 @@ def test_sharded_index_build_matches_encode_corpus():
     assert "sharded build: ok" in run_with_devices(SHARDED_BUILD, n=8, timeout=300)
 
 
-SHARDED_REFRESH = r'''
-import jax, jax.numpy as jnp, numpy as np
-from imprag_jax.model import ModelConfig, init_params
-from imprag_jax.model.sharding import make_mesh
-from imprag_jax.retrieval import IndexRefresher
-from imprag_jax.retrieval.encode import local_index_rows, put_local_rows
-
-mesh = make_mesh(data=4, fsdp=1, tensor=2)
-cfg = ModelConfig.tiny(b=1, t=2)
-params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
-rng = np.random.default_rng(0)
-tok = rng.integers(1, cfg.vocab_size, (37, 9)).astype(np.int32)
-mask = np.ones_like(tok, np.int32); mask[::3, 6:] = 0
-asked = []
+SHARDED_REFRESH = SHARDED_ROWS + r'''
 
 def tokenize(rows):
     asked.append(np.asarray(rows))

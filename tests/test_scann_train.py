@@ -123,9 +123,8 @@ def test_resume_between_index_refreshes_with_scann_equals_the_uninterrupted_run(
     """test_train's exact-resume test with the ScaNN backend: refreshes at steps 0, 4, 8; the run stopped at step 6
     rebuilds the ScaNN searcher from the checkpointed index (of step 4) on resume, so the step mines the same
     candidates and the losses and final parameters equal the uninterrupted run's."""
-    from test_train import _losses, tiny_config
+    from test_train import assert_same_run, tiny_config
 
-    from imprag_jax import run as R
     from imprag_jax.train.trainer import train
 
     kw = dict(stages="warmup", steps=12, candidates="mixed", index_negatives=2, refresh_every=4,
@@ -135,14 +134,7 @@ def test_resume_between_index_refreshes_with_scann_equals_the_uninterrupted_run(
     assert full["step"] == 12 and part["step"] == 6 and part["stopped_early"] is True
     rest = train(tiny_config(world_dir, **kw), str(tmp_path / "resumed"))
     assert rest["step"] == 12
-    a, b = _losses(str(tmp_path / "full")), _losses(str(tmp_path / "resumed"))
-    assert sorted(a) == sorted(b) == list(range(1, 13))
-    for s in range(1, 13):
-        assert a[s] == b[s], (s, a[s], b[s])  # bit-exact on CPU
-    pa, sa, _ = R.restore_params(str(tmp_path / "full"))
-    pb, sb, _ = R.restore_params(str(tmp_path / "resumed"))
-    assert sa == sb == 12
-    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    assert_same_run(tmp_path / "full", tmp_path / "resumed", 12)
 
 SHARDED = TINY_SYNTHETIC + r"""
 from imprag_jax.retrieval import scann_backend

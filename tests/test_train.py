@@ -34,6 +34,20 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def assert_same_run(dir_a, dir_b, steps: int):
+    """Two finished runs logged the same loss at every step 1..steps and end in bit-identical parameters."""
+    from imprag_jax import run as R
+
+    a, b = _losses(str(dir_a)), _losses(str(dir_b))
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert a[s] == b[s], (s, a[s], b[s])  # bit-exact on CPU
+    pa, sa, _ = R.restore_params(str(dir_a))
+    pb, sb, _ = R.restore_params(str(dir_b))
+    assert sa == sb == steps
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
 def test_resume_reproduces_the_uninterrupted_run_exactly_and_never_recompiles(world_dir, tmp_path):
     from imprag_jax.train.trainer import train
 
@@ -258,14 +272,7 @@ def test_resume_between_index_refreshes_mines_from_the_checkpointed_index(world_
     assert meta["index"]["step"] == 4 and meta["index"]["config_hash"]  # the index of the last refresh
     rest = train(tiny_config(world_dir, **kw), str(tmp_path / "resumed"))
     assert rest["step"] == 12
-    a, b = _losses(str(tmp_path / "full")), _losses(str(tmp_path / "resumed"))
-    assert sorted(a) == sorted(b) == list(range(1, 13))
-    for s in range(1, 13):
-        assert a[s] == b[s], (s, a[s], b[s])  # bit-exact on CPU
-    pa, sa, _ = R.restore_params(str(tmp_path / "full"))
-    pb, sb, _ = R.restore_params(str(tmp_path / "resumed"))
-    assert sa == sb == 12
-    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    assert_same_run(tmp_path / "full", tmp_path / "resumed", 12)
 
 
 def test_llama3_smoke_configs_train_and_evaluate_on_the_minikilt(tmp_path, shared_data):
