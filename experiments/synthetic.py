@@ -87,6 +87,12 @@ ROWS = {
                                         "--config.data.query_filler_order=shuffle"],
                                    "as query_filler_split, E_q's filled prompt the question's words and the filler "
                                    "in a random order (the name anywhere, first included, as in slot filling)"),
+    "query_filler_split_shuffle_every": ("", ["--config.data.query_filler=1.0", "--config.data.L_query=40",
+                                              "--config.data.query_filler_pool=all",
+                                              "--config.data.query_filler_split=True",
+                                              "--config.data.query_filler_order=shuffle"],
+                                         "as query_filler_split_shuffle, E_q's prompt of every retrieval row "
+                                         "shuffled with 0-24 filler words"),
     # beyond the paper: candidates from the model's own index (in the NCE stage and the KL stage)
     "distill_index": ("", T2 + ["--config.train.stages=both", "--config.train.candidates=mixed"],
                       "warmup_distill with up to 2 of each example's 3 negatives mined from the model's own index "
