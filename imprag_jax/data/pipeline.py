@@ -557,7 +557,7 @@ class TrainBatches:
             cf, prompt, answer = None, rec["prompt"], (rec["answers"][0] if rec["answers"] else "")
         filled = cfg.query_filler > 0 and rng.random() < cfg.query_filler  # drawn after the candidates
         Lq = (cfg.L_query or cfg.L_q) if cfg.query_filler_split else cfg.L_q
-        query = self._with_filler(prompt, rng, Lq) if filled else prompt
+        query, q_fit = self._with_filler(prompt, rng, Lq) if filled else (prompt, None)
         if not cfg.query_filler_split:
             prompt = query
         p_ids = self.enc.prompt(prompt, cfg.L_q, self.truncation)
@@ -566,7 +566,8 @@ class TrainBatches:
         if filled and not cfg.query_filler_gen:  # the filled prompt trains E_q only
             row["loss_mask"][:] = 0
         if cfg.query_filler_split:  # E_q's prompt (filled or not), the reader's stays unfilled
-            q_ids = self.enc.prompt(query, Lq, TruncationStats()) if filled or Lq < cfg.L_q else p_ids
+            q_ids = q_fit if q_fit is not None else (
+                self.enc.prompt(query, Lq, TruncationStats()) if filled or Lq < cfg.L_q else p_ids)
             row["query_tokens"] = np.full((Lq,), self.enc.pad, np.int32)
             row["query_tokens"][:len(q_ids)] = q_ids
             row["query_mask"] = (np.arange(Lq) < len(q_ids)).astype(np.int32)
@@ -626,35 +627,37 @@ class TrainBatches:
             out.update(self._answer_rows_cache[key])
         return sorted(out)
 
-    def _with_filler(self, prompt: str, rng, L_q: int) -> str:
+    def _with_filler(self, prompt: str, rng, L_q: int) -> tuple:
         """The prompt with 0..query_filler_max random instruction-like words (`filler_words`) inserted before its
         answer marker ("A:"; the end when it has none), as many as fit L_q: the entity the question names then
         sits at varied distances from the last token, whose query state must find it by content (prompts of
         unseen formats put ~20 instruction words after it). With query_filler_order = "shuffle" the question's
         words and the filler words come in a random order (the entity anywhere, first included, as in slot
-        filling's prompt), the marker last. The filled prompt fits `L_q` tokens."""
+        filling's prompt), the marker last. Returns (text, its prompt ids) with the ids fitting `L_q` tokens, or
+        (prompt, None) when no filled form fits."""
         if self._filler is None:
             self._filler = filler_words(self.world, self.cfg.query_filler_pool)
         cut = prompt.rstrip().rfind("A:") if prompt.rstrip().endswith("A:") else len(prompt)
         head, tail = prompt[:cut].rstrip(), prompt[cut:].strip()
         n = int(rng.integers(0, self.cfg.query_filler_max + 1))
         words = [self._filler[i] for i in rng.integers(len(self._filler), size=n)]
-        if self.cfg.query_filler_order == "shuffle":
+        shuffle = self.cfg.query_filler_order == "shuffle"
+        if shuffle:
             q = head.split()
             order = rng.permutation(len(q) + n)  # over the question's words and all n filler words
-            while n >= 0:
-                bag = q + words[:n]
-                text = " ".join([bag[i] for i in order if i < len(bag)] + ([tail] if tail else []))
-                if len(self.enc.prompt(text, 10 ** 6, TruncationStats())) <= L_q:
-                    return text
-                n -= 1
-            return prompt
-        while n > 0:
-            text = " ".join(x for x in (head, " ".join(words[:n]), tail) if x)
-            if len(self.enc.prompt(text, 10 ** 6, TruncationStats())) <= L_q:
-                return text
-            n -= 1
-        return prompt
+
+        def render(m):  # the prompt with the first m filler words
+            if shuffle:
+                bag = q + words[:m]
+                return " ".join([bag[i] for i in order if i < len(bag)] + ([tail] if tail else []))
+            return " ".join(x for x in (head, " ".join(words[:m]), tail) if x)
+
+        for m in range(n, -1 if shuffle else 0, -1):  # "after" with no word left is the prompt itself
+            text = render(m)
+            ids = self.enc.prompt(text, 10 ** 6, TruncationStats())
+            if len(ids) <= L_q:
+                return text, ids
+        return prompt, None
 
     def _candidates(self, rec: dict, gold: list, rng) -> tuple:
         """(candidate rows in slot order, set of positive rows)."""
