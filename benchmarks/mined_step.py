@@ -4,7 +4,7 @@
     python benchmarks/mined_step.py --json OUT.json --quick         # CI: N = 600 only, 2 rounds
 
 The step is `imprag_jax.train.state.compile_step(..., "warmup")` at the synthetic config's shapes
-(`configs/synthetic.py`: hidden 128, 4 layers, batch 32 x k 4, L_q 24 + L_r 4, l_max 24, score bias) with
+(`configs/synthetic.py:no_filler`: hidden 128, 4 layers, batch 32 x k 4, L_q 24 + L_r 4, l_max 24, score bias) with
 train.candidates = "mixed" (2 negatives per row replaced by mined passages, a 64-passage skip list per row, so
 each row searches the top m = 2 + 4 + 64 = 70).  The index is random Gaussian embeddings of the model's
 retrieval dimension D = 64 (N rows, fp32, random passage tokens); random weights, one state chained through
@@ -52,7 +52,7 @@ def _config():
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import synthetic
 
-    c = synthetic.get_config()
+    c = synthetic.get_config("no_filler")  # the step as measured before the query filler default
     c.model.vocab_size = 512
     c.mesh.data = 1
     return c

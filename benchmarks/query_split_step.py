@@ -9,8 +9,9 @@ The step is `imprag_jax.train.state.compile_step(..., "warmup")` at `configs/syn
 tokens, one state chained through every step. Variants, timed in ONE run, interleaved (default, split, default,
 split, ...; the median over the rounds is reported):
 
-  default  the README job's step (E_q from the reader's prompt)
-  split    the same step with `query_tokens` [32, L_query] (the row `query_filler_split`)
+  default  the step without the filler (`configs/synthetic.py:no_filler`: E_q from the reader's prompt)
+  split    the same step with `query_tokens` [32, L_query] (the README job's step since the query filler became
+           the synthetic default; the rows `query_filler_split*`)
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def main(argv=None):
     from imprag_jax.train.setup import build
     from imprag_jax.train.state import compile_step, create_state
 
-    c = synthetic.get_config()
+    c = synthetic.get_config("no_filler")  # the baseline: E_q from the reader's prompt
     c.model.vocab_size = 512
     c.mesh.data = 1
     s = build(c)

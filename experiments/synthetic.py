@@ -34,7 +34,10 @@ from _runner import check_row, record  # noqa: E402
 # gold positives (data.positives = "gold", not pseudo-labels), NCE throughout (train.stages = "warmup"),
 # score-bias reading, an independent middle group, counterfactual passages and retrieval-free format rows. No row
 # trains ImpRAG on pseudo-labels; `warmup_distill` (the paper's schedule) is the closest to the paper.
+# Every row but `default` starts from `no_filler` (E_q reads the reader's prompt: the recipe they were run with,
+# before the query filler became the config's default) and spells out any filler it uses.
 EVAL = ["--config.eval.tasks=qa,slot_filling,fact_verification,entity_linking"]
+ADOPTED = "query_filler_split_vocab"  # the row whose config configs/synthetic.py now is (row `default`)
 # The ablation rows keep the split they were run with, b = 1, t = 2 (the config's default until the b/t sweep
 # showed t = 3 reads robustly; the config now defaults to t = 3, which is the b1_t3 row)
 T2 = ["--config.model.b=1", "--config.model.t=2"]
@@ -44,57 +47,76 @@ ROWS = {
                                        "rows, passage in the prompt, stay; real facts: cf = 0)"),
     "ra_it": ("ra_it", [], "RA-IT: the BM25 top 4 in context through every layer (b = 0, t = 3, joint), "
                            "no retrieval loss, no score bias; evaluated reading the BM25 top 4"),
-    "warmup_only": ("warmup_only", T2, "ImpRAG, NCE on the gold positive (not pseudo-labels) throughout, "
+    "warmup_only": ("no_filler,warmup_only", T2, "ImpRAG, NCE on the gold positive (not pseudo-labels) throughout, "
                                        "b = 1, t = 2: the synthetic recipe at t = 2"),
-    "distill_only": ("distill_only", T2, "ImpRAG, self-distillation KL throughout (no NCE) over each example's "
+    "distill_only": ("no_filler,distill_only", T2, "ImpRAG, self-distillation KL throughout (no NCE) over each example's "
                                          "4 candidates (gold + 3 negatives), b = 1, t = 2"),
-    "warmup_distill": ("", T2 + ["--config.train.stages=both"],
+    "warmup_distill": ("no_filler", T2 + ["--config.train.stages=both"],
                        "ImpRAG, the paper's schedule (NCE on the gold positive for 30 % of the steps, then KL), "
                        "b = 1, t = 2; the row closest to the paper"),
     # Table 5 analogue: the retrieval-free format-teaching data
-    "no_format": ("", T2 + ["--config.data.free_batch_size=0"],
+    "no_format": ("no_filler", T2 + ["--config.data.free_batch_size=0"],
                   "warmup_only without the retrieval-free format-teaching rows"),
     # Figure 2 analogue: where the layer groups split (N = 4)
-    "b0_t2": ("", ["--config.model.b=0", "--config.model.t=2"],
+    "b0_t2": ("no_filler", ["--config.model.b=0", "--config.model.t=2"],
               "E_q/E_p at layer 0 (no attention before them), reading in layers 0..2"),
-    "b2_t3": ("", ["--config.model.b=2", "--config.model.t=3"], "E_q/E_p at layer 2, reading in layers 2..3"),
-    "b1_t3": ("", ["--config.model.b=1", "--config.model.t=3"],
-              "a deeper middle group (layers 1..3): the synthetic default, the README's main job"),
+    "b2_t3": ("no_filler", ["--config.model.b=2", "--config.model.t=3"], "E_q/E_p at layer 2, reading in layers 2..3"),
+    "b1_t3": ("no_filler", ["--config.model.b=1", "--config.model.t=3"],
+              "a deeper middle group (layers 1..3): the synthetic default before the query filler"),
+    "default": ("", [], "configs/synthetic.py as it stands, the README's main job: b1_t3 with the query filler "
+                        "(the same config as the ADOPTED row)"),
     # the synthetic world: questions that name the person ~15 tokens before their end (a third QA phrasing)
-    "long_questions": ("", T2 + ["--config.data.qa_templates=3", "--config.data.L_q=40"],
+    "long_questions": ("no_filler", T2 + ["--config.data.qa_templates=3", "--config.data.L_q=40"],
                        "a third QA phrasing with the name far from the end (b = 1, t = 2)"),
     # unseen-format retrieval: the query must find the person past ~20 instruction words (slot filling's prompt)
-    "query_filler": ("", ["--config.data.query_filler=0.5", "--config.data.L_q=40"],
-                     "b1_t3 (the default) with 0-24 filler words (never a word of an evaluated template) before "
+    "query_filler": ("no_filler", ["--config.data.query_filler=0.5", "--config.data.L_q=40"],
+                     "b1_t3 (the default before the filler) with 0-24 filler words (never a word of an evaluated template) before "
                      "the answer marker of half the retrieval rows, so the name sits at varied distances from "
                      "the last token"),
-    "query_filler_all": ("", ["--config.data.query_filler=0.5", "--config.data.L_q=40",
+    "query_filler_all": ("no_filler", ["--config.data.query_filler=0.5", "--config.data.L_q=40",
                               "--config.data.query_filler_pool=all", "--config.data.query_filler_gen=False"],
                          "as query_filler, the filler drawn from every template word (the evaluated templates' "
                          "instruction words too, never in their order) and the filled rows trained on the "
                          "retrieval loss only (the reader sees only unfilled prompts)"),
-    "query_filler_split": ("", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
+    "query_filler_split": ("no_filler", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
                                 "--config.data.query_filler_pool=all", "--config.data.query_filler_split=True"],
                            "as query_filler_all, but a filled row's reader reads its unfilled prompt with the "
                            "generation loss (the filled prompt, up to 40 tokens, goes to E_q only: one more "
                            "bottom-group pass), so the reader trains on every row as in the default (L_q 24)"),
-    "query_filler_split_every": ("", ["--config.data.query_filler=1.0", "--config.data.L_query=40",
+    "query_filler_split_every": ("no_filler", ["--config.data.query_filler=1.0", "--config.data.L_query=40",
                                       "--config.data.query_filler_pool=all", "--config.data.query_filler_split=True"],
                                  "as query_filler_split, with filler words (0-24, uniform) in E_q's prompt of every "
                                  "retrieval row: the reader is unchanged, the query sees twice the filled rows"),
-    "query_filler_split_shuffle": ("", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
+    "query_filler_split_shuffle": ("no_filler", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
                                         "--config.data.query_filler_pool=all", "--config.data.query_filler_split=True",
                                         "--config.data.query_filler_order=shuffle"],
                                    "as query_filler_split, E_q's filled prompt the question's words and the filler "
                                    "in a random order (the name anywhere, first included, as in slot filling)"),
-    "query_filler_split_shuffle_every": ("", ["--config.data.query_filler=1.0", "--config.data.L_query=40",
+    "query_filler_split_shuffle_every": ("no_filler", ["--config.data.query_filler=1.0", "--config.data.L_query=40",
                                               "--config.data.query_filler_pool=all",
                                               "--config.data.query_filler_split=True",
                                               "--config.data.query_filler_order=shuffle"],
                                          "as query_filler_split_shuffle, E_q's prompt of every retrieval row "
                                          "shuffled with 0-24 filler words"),
+    # the filler from every non-entity word of the world's vocabulary (relation names, punctuation, [SEP] too)
+    "query_filler_split_vocab": ("no_filler", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
+                                      "--config.data.query_filler_pool=vocab", "--config.data.query_filler_split=True"],
+                                 "as query_filler_split, the filler from every word of the world's vocabulary that "
+                                 "names no entity or value (slot filling's relation names and [SEP] included)"),
+    "query_filler_split_shuffle_vocab": ("no_filler", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
+                                              "--config.data.query_filler_pool=vocab",
+                                              "--config.data.query_filler_split=True",
+                                              "--config.data.query_filler_order=shuffle"],
+                                         "as query_filler_split_shuffle, the filler from the vocab pool "
+                                         "(query_filler_split_vocab)"),
+    "query_filler_split_entity_vocab": ("no_filler", ["--config.data.query_filler=0.5", "--config.data.L_query=40",
+                                             "--config.data.query_filler_pool=vocab",
+                                             "--config.data.query_filler_split=True",
+                                             "--config.data.query_filler_order=shuffle_entity"],
+                                        "as query_filler_split_shuffle_vocab, the entity's name (the gold passage's "
+                                        "title) kept whole in the shuffle"),
     # beyond the paper: candidates from the model's own index (in the NCE stage and the KL stage)
-    "distill_index": ("", T2 + ["--config.train.stages=both", "--config.train.candidates=mixed"],
+    "distill_index": ("no_filler", T2 + ["--config.train.stages=both", "--config.train.candidates=mixed"],
                       "warmup_distill with up to 2 of each example's 3 negatives mined from the model's own index "
                       "(re-encoded every 500 steps) in both stages"),
 }

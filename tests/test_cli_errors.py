@@ -118,6 +118,19 @@ def test_explicit_data_dir_that_does_not_exist_is_a_config_error(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+def test_vocab_filler_pool_without_a_world_is_one_line(tmp_path, world_dir):
+    """data.query_filler_pool='vocab' needs a synthetic world (its entity words); a prepared folder without one is
+    a one-line config error before training, not a traceback from the data loader's first filled row."""
+    d = tmp_path / "prepared"
+    shutil.copytree(world_dir, d)
+    os.remove(d / "world.json")
+    wd = tmp_path / "w"
+    r = _run("imprag_jax.train", ["--config", "configs/synthetic.py:smoke", "--workdir", str(wd),
+                                  "--config.data.kind=prepared", f"--config.data.dir={d}"])
+    _user_error(r, "query_filler_pool='vocab'", "no world.json")
+    assert not wd.exists()
+
+
 def test_experiment_runner_creates_its_world_folder_before_training(tmp_path, monkeypatch):
     import importlib.util
 

@@ -384,3 +384,48 @@ def test_query_filler_shuffle_mixes_the_question_words_with_the_filler(wdir, tok
     assert moved >= len(mixed["tokens"]) // 2
     with pytest.raises(ValueError, match="query_filler_order"):
         _cfg(query_filler_order="first")
+
+
+def test_query_filler_vocab_pool_holds_every_non_entity_word_and_no_entity(wdir, tok):
+    """query_filler_pool="vocab": the world's words that name no entity or value -- slot filling's relation names,
+    [SEP] and punctuation included, which the template pools lack -- and never a name, city, company, occupation
+    or year; filled queries tokenize without <unk>; without a world it is a one-line error."""
+    world = S.World.load(wdir)
+    pool = set(P.filler_words(world, "vocab"))
+    assert set(P.filler_words(world, "all")) <= pool
+    assert {"place", "date", "birth", "[SEP]", "?"} <= pool and not {"place", "[SEP]"} & set(P.filler_words(world, "all"))
+    entity = set(world.first_names + world.surnames + world.occupations + world.country_names)
+    entity |= {c["name"] for c in world.cities} | {w for o in world.orgs for w in (o["stem"], o["suffix"])}
+    entity |= {str(y) for y in range(world.cfg.year_min, world.cfg.year_max + 1)}
+    assert not pool & entity
+    kw = dict(tasks={"qa": 1.0}, free_batch_size=0, positives="gold", negatives="generator", n_neg=3, cf=0.0, L_q=24,
+              query_filler=1.0, query_filler_pool="vocab", query_filler_split=True, L_query=40,
+              query_filler_order="shuffle")
+    b = _it(wdir, tok, _cfg(**kw)).batch(0)
+    q = b["query_tokens"][b["query_mask"] == 1]
+    assert tok.token_to_id("<unk>") not in set(q.tolist()) and tok.token_to_id("[SEP]") in set(q.tolist())
+    with pytest.raises(ValueError, match="vocab"):
+        P.filler_words(None, "vocab")
+
+
+def test_query_filler_shuffle_entity_keeps_the_name_whole(wdir, tok):
+    """query_filler_order="shuffle_entity": the question's words and the filler in a random order as with "shuffle",
+    but the entity's name (the gold passage's title) stays whole and in order in every filled query."""
+    assert P._word_units("Where was Daivau Ropos born ?".split(), ["Daivau Ropos"]) == [
+        "Where", "was", "Daivau Ropos", "born", "?"]
+    assert P._word_units("Which company employs Daivau Ropos?".split(), ["Daivau Ropos"])[-1] == "Daivau Ropos?"
+    assert P._word_units("a b c".split(), []) == ["a", "b", "c"]
+    titles = [json.loads(line)["title"] for line in open(os.path.join(wdir, "passages.jsonl"))]
+    kw = dict(tasks={"qa": 1.0}, free_batch_size=0, positives="gold", negatives="generator", n_neg=3, cf=0.0, L_q=24,
+              query_filler=1.0, query_filler_pool="vocab", query_filler_split=True, L_query=40)
+    b = _it(wdir, tok, _cfg(query_filler_order="shuffle_entity", **kw)).batch(0)
+    split_names = 0
+    for i in range(len(b["tokens"])):
+        q = _words(tok, b["query_tokens"][i][b["query_mask"][i] == 1])
+        name = titles[int(b["passage_ids"][i][np.argmax(b["positives"][i])])]
+        assert name in q, (name, q)
+    mixed = _it(wdir, tok, _cfg(query_filler_order="shuffle", **kw)).batch(0)
+    for i in range(len(mixed["tokens"])):
+        q = _words(tok, mixed["query_tokens"][i][mixed["query_mask"][i] == 1])
+        split_names += titles[int(mixed["passage_ids"][i][np.argmax(mixed["positives"][i])])] not in q
+    assert split_names >= len(mixed["tokens"]) // 3  # plain shuffle tears most names apart

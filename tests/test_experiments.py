@@ -30,7 +30,7 @@ def runners():
     import importlib.util
 
     mods = {}
-    for name in ("synthetic", "smollm2", "report", "lm_drift", "layout_nll"):
+    for name in ("synthetic", "smollm2", "report", "lm_drift", "layout_nll", "query_probe"):
         spec = importlib.util.spec_from_file_location(f"exp_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
         m = importlib.util.module_from_spec(spec)
         sys.modules[f"exp_{name}"] = m
@@ -188,3 +188,64 @@ def test_layout_nll_reads_a_made_up_fact_in_context(runners, tmp_path):
     ctx, hit = ln.layout_scores(params, cfg, b, "in_context")
     assert ctx < cb - 2.0 and 0.0 <= hit <= 1.0  # measured: 2.72 vs 11.44 nats per answer token
     assert np.isfinite(ln.layout_scores(params, cfg, b, "imprag")[0])
+
+
+def test_query_probe_full_prompt_is_the_evaluated_one(runners, world_dir, tmp_path):
+    """experiments/query_probe.py: its `full` variant is the prompt the evaluation reads (same text) and its recall
+    is the evaluation's slot-filling gold recall for the same weights; every variant's top-1 is a hit or one kind of
+    miss; a folder without a run is a one-line error (exit 2)."""
+    import jax
+    import numpy as np
+    from imprag_jax.data.pipeline import corpus_tokens, eval_batches, load_tokenizer
+    from imprag_jax.infer.imprag import passage_texts
+    from imprag_jax.infer.recall import recall_rows
+    from imprag_jax.model import ModelConfig, init_params
+
+    qp = runners["query_probe"]
+    tok = load_tokenizer(world_dir)
+    b = next(eval_batches(world_dir, "slot_filling", "dev", tok, batch_size=8, L_q=64, limit=8))
+    for i, prompt in enumerate(b["prompts"]):
+        entity, relation = prompt.split(" [SEP] ")[0], prompt.split(" [SEP] ")[1].split(" Provide")[0]
+        v = qp.variants(entity, relation, ["place of birth", "employer"])
+        assert v["full"] == prompt and v["rel:place of birth"] == f"{entity} [SEP] place of birth A:"
+        assert "rel:birth" in v and "rel:employer" in v
+    cfg = ModelConfig.tiny(vocab_size=tok.vocab_size, b=1, t=2)
+    params = init_params(cfg, jax.random.key(0))
+    rows = qp.probe(params, cfg, tok, world_dir, l_max=32, L_q=64, limit=40)
+    toks, mask = corpus_tokens(world_dir, tok, 32)
+    ref = recall_rows(params, cfg, world_dir, ["slot_filling"], tok, corpus=(toks, mask),
+                      texts=passage_texts(world_dir), modes=("recall",), L_q=64, limit=40)[0]
+    assert rows["full"]["n"] == ref["n"] == 40
+    np.testing.assert_allclose([rows["full"]["recall@1"], rows["full"]["recall@5"]],
+                               [ref["gold_recall@1"], ref["gold_recall@5"]])
+    for r in rows.values():
+        assert abs(r["recall@1"] + r["top1_same_entity"] + r["top1_other_bio"] + r["top1_other"] - 1) < 1e-9
+    assert qp.main([str(tmp_path / "no_run")]) == 2
+
+
+def test_default_row_is_the_adopted_row_and_old_rows_keep_their_recipe(runners):
+    """Row `default` (configs/synthetic.py as it stands) builds the same config as the filler row it adopted, so
+    that row's seeds are the default's; every other row starts from `no_filler` (E_q reads the reader's prompt),
+    the recipe its recorded results were run with."""
+    from imprag_jax.config_base import set_value
+
+    syn = runners["synthetic"]
+
+    def built(row):
+        args, overrides, _ = syn.ROWS[row]
+        c = _config("synthetic", args)
+        for o in overrides:
+            path, v = o[len("--config."):].split("=", 1)
+            set_value(c, path, v)
+        return c.to_dict()
+
+    default = built("default")
+    assert default["data"]["query_filler"] == 0.5 and default["data"]["query_filler_split"]
+    assert built(syn.ADOPTED) == default
+    old = built("b1_t3")
+    assert old["data"]["query_filler"] == 0.0 and not old["data"]["query_filler_split"]
+    assert {k: v for k, v in old.items() if k != "data"} == {k: v for k, v in default.items() if k != "data"}
+    for row, (args, _, _) in syn.ROWS.items():
+        assert row == "default" or "no_filler" in args.split(",") or args in ("closed_book", "ra_it"), row
+    for base in ("closed_book", "ra_it"):  # the baselines train no retriever: no filler
+        assert _config("synthetic", base).data.query_filler == 0.0

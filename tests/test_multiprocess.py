@@ -227,7 +227,12 @@ def test_two_process_evaluation_matches_one_process(world_dir, single_run, tmp_p
         two = json.load(open(os.path.join(mp, f"probe.p{i}.json")))
         assert two["n"] == one["n"] > 300 and two["ids"] == one["ids"]
         assert two["tokens"] == one["tokens"] and two["mask"] == one["mask"]  # the passages read
-        assert max(abs(x - y) for a_, b_ in zip(one["scores"], two["scores"]) for x, y in zip(a_, b_)) < 1e-5
+        top = max(abs(x) for row in one["scores"] for x in row)
+        diff = max(abs(x - y) for a_, b_ in zip(one["scores"], two["scores"]) for x, y in zip(a_, b_))
+        print(f"\n[multiprocess] probe scores up to {top:.3g}, largest difference {diff:.3g}")
+        # the index holds bf16 E_p: an fp32 value encoded on the other mesh may round to the neighbouring bf16
+        # value (as in training's refresh), moving a score by ~3e-5 of the largest (measured 1.6e-4 at 5.6)
+        assert diff < 1e-4 * max(1.0, top), (diff, top)
     assert len({i for row in one["ids"] for i in row}) > 10  # not one ranking for every query
     with open(os.path.join(mp, "metrics.jsonl")) as f:
         evals = [json.loads(x) for x in f if '"eval/' in x]

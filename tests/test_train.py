@@ -354,8 +354,11 @@ def test_score_scale_multiplies_every_score_and_scale_one_is_today(world_dir, st
     scaled_cfg = cfg.replace(score_scale="sqrt_dim")
     assert scaled_cfg.score_multiplier == 1.0 / np.sqrt(cfg.head_dim)
     scaled = loss_fn(params, scaled_cfg, sc, stage, batch, jnp.float32(0))[1]
-    e_raw = query_embedding(params, cfg, batch["tokens"], batch["prompt_mask"])
-    e_scaled = query_embedding(params, scaled_cfg, batch["tokens"], batch["prompt_mask"])
+    # E_q's prompt: its own copy under data.query_filler_split (the synthetic default), else the reader's
+    qt, qm = ((batch["query_tokens"], batch["query_mask"]) if "query_tokens" in batch
+              else (batch["tokens"], batch["prompt_mask"]))
+    e_raw = query_embedding(params, cfg, qt, qm)
+    e_scaled = query_embedding(params, scaled_cfg, qt, qm)
     np.testing.assert_allclose(np.asarray(e_scaled), np.asarray(e_raw) / np.sqrt(cfg.head_dim), rtol=1e-6)
     # the scaled loss by hand from the raw embeddings
     from imprag_jax.model.transformer import passage_embedding, run_bottom
@@ -483,6 +486,7 @@ def test_query_tokens_feed_e_q_only(world_dir):
     from imprag_jax.train.step import loss_fn
 
     c, cfg, sc, params, batch = _tiny_setup(world_dir, score_scale="sqrt_dim")
+    batch = {k: v for k, v in batch.items() if not k.startswith("query_")}  # the synthetic default carries them
     Lq = int(batch["prompt_mask"].sum(1).max())
     same = dict(batch, query_tokens=batch["tokens"][:, :Lq], query_mask=batch["prompt_mask"][:, :Lq])
     base = loss_fn(params, cfg, sc, "warmup", batch, jnp.float32(0))[1]

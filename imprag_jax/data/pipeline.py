@@ -118,13 +118,17 @@ class BatchConfig:
     cf_negatives: bool = False           # also re-render the other candidates of a counterfactual example
     query_filler: float = 0.0            # share of retrieval rows given filler words before the answer marker
     query_filler_max: int = 24           # at most this many filler words (fewer when the prompt would not fit L_q)
-    query_filler_pool: str = "unseen"    # "unseen": no word of an evaluated template | "all": every template word
+    query_filler_pool: str = "unseen"    # "unseen": no word of an evaluated template | "all": every template word |
+    #                                      "vocab" (synthetic world): every word of its vocabulary that names no entity
+    #                                      or value (relation names, punctuation and [SEP] too; `non_entity_words`)
     query_filler_gen: bool = True        # False: a filled row trains the retrieval loss only (no generation loss)
     query_filler_split: bool = False     # True: the filled prompt goes to E_q only and the reader reads (and trains
     #                                      its generation loss on) the row's unfilled prompt; every retrieval row
     #                                      then carries `query_tokens` / `query_mask` [L_query], E_q's own prompt
     query_filler_order: str = "after"    # "after": the filler between the question and the answer marker |
-    #                                      "shuffle": the question's words and the filler in a random order
+    #                                      "shuffle": the question's words and the filler in a random order |
+    #                                      "shuffle_entity": as shuffle, the entity's name (its gold passage's
+    #                                      title) kept whole
     L_query: int = 0                     # length of E_q's own prompt under query_filler_split (the filled prompt
     #                                      fits it); 0 = L_q. The reader's unfilled prompt keeps L_q
     add_bos: bool = True
@@ -144,10 +148,11 @@ class BatchConfig:
             raise ValueError(f"L_free={self.L_free} must leave >= 2 prompt tokens beside L_free_r={self.Lf_r}")
         if not 0.0 <= self.cf <= 1.0 or not 0.0 <= self.random_neg_fraction <= 1.0 or not 0.0 <= self.query_filler <= 1.0:
             raise ValueError("cf, random_neg_fraction and query_filler are probabilities")
-        if self.query_filler_pool not in ("unseen", "all"):
-            raise ValueError(f"query_filler_pool must be unseen|all, got {self.query_filler_pool!r}")
-        if self.query_filler_order not in ("after", "shuffle"):
-            raise ValueError(f"query_filler_order must be after|shuffle, got {self.query_filler_order!r}")
+        if self.query_filler_pool not in ("unseen", "all", "vocab"):
+            raise ValueError(f"query_filler_pool must be unseen|all|vocab, got {self.query_filler_pool!r}")
+        if self.query_filler_order not in ("after", "shuffle", "shuffle_entity"):
+            raise ValueError(f"query_filler_order must be after|shuffle|shuffle_entity, got "
+                             f"{self.query_filler_order!r}")
         if self.query_filler_max < 0:
             raise ValueError(f"query_filler_max must be >= 0, got {self.query_filler_max}")
         if self.L_query < 0 or (self.L_query and not self.query_filler_split):
@@ -214,7 +219,17 @@ def filler_words(world=None, pool: str = "unseen") -> list:
     """Words for `BatchConfig.query_filler`: the instruction words of the templates, plus, for the synthetic world,
     the words of its passage templates and two-hop questions. pool "unseen": less every word of the evaluated task
     types' templates, so no evaluation prompt's instruction word is ever seen as filler; "all": those words too
-    (as a bag: never in a template's order). Sorted (deterministic)."""
+    (as a bag: never in a template's order); "vocab" (the synthetic world only): every word of the world's vocabulary
+    that names no entity or value (`synthetic.non_entity_words`: the relation names, punctuation and [SEP] too).
+    Sorted (deterministic)."""
+    if pool == "vocab":
+        if world is None:
+            raise ValueError("query_filler_pool='vocab' draws from a synthetic world's vocabulary; this data has "
+                             "none (use 'all' or 'unseen')")
+        from imprag_jax.data import synthetic as S
+
+        return S.non_entity_words(world)
+
     def words(s):
         return set(re.findall(r"[^\W_]+", re.sub(r"\{\w+\}", " ", s)))
 
@@ -227,6 +242,24 @@ def filler_words(world=None, pool: str = "unseen") -> list:
                               + tuple(S.TWO_HOP_QUESTIONS.values())])
     words_of = set().union(*[words(T.TEMPLATES[t]) for t in _EVAL_TYPES])
     return sorted(found - words_of if pool == "unseen" else found | words_of)
+
+
+def _word_units(words: Sequence[str], keep: Sequence[str] = ()) -> list:
+    """`words` with every run that spells a phrase of `keep` (trailing punctuation of its last word allowed, e.g.
+    "Ropos?") joined into one unit, left to right, longest phrase first."""
+    phrases = sorted({tuple(k.split()) for k in keep if k.split()}, key=len, reverse=True)
+    out, i = [], 0
+    while i < len(words):
+        for ph in phrases:
+            got = words[i:i + len(ph)]
+            if len(got) == len(ph) and list(got[:-1]) == list(ph[:-1]) and got[-1].rstrip("?.,!;:") == ph[-1]:
+                out.append(" ".join(got))
+                i += len(ph)
+                break
+        else:
+            out.append(words[i])
+            i += 1
+    return out
 
 
 def _record_path(data_dir: str, task: str, split: str) -> str:
@@ -557,7 +590,8 @@ class TrainBatches:
             cf, prompt, answer = None, rec["prompt"], (rec["answers"][0] if rec["answers"] else "")
         filled = cfg.query_filler > 0 and rng.random() < cfg.query_filler  # drawn after the candidates
         Lq = (cfg.L_query or cfg.L_q) if cfg.query_filler_split else cfg.L_q
-        query, q_fit = self._with_filler(prompt, rng, Lq) if filled else (prompt, None)
+        keep = [self.passages[g][1] for g in gold] if cfg.query_filler_order == "shuffle_entity" else []
+        query, q_fit = self._with_filler(prompt, rng, Lq, keep) if filled else (prompt, None)
         if not cfg.query_filler_split:
             prompt = query
         p_ids = self.enc.prompt(prompt, cfg.L_q, self.truncation)
@@ -627,23 +661,24 @@ class TrainBatches:
             out.update(self._answer_rows_cache[key])
         return sorted(out)
 
-    def _with_filler(self, prompt: str, rng, L_q: int) -> tuple:
+    def _with_filler(self, prompt: str, rng, L_q: int, keep: Sequence[str] = ()) -> tuple:
         """The prompt with 0..query_filler_max random instruction-like words (`filler_words`) inserted before its
         answer marker ("A:"; the end when it has none), as many as fit L_q: the entity the question names then
         sits at varied distances from the last token, whose query state must find it by content (prompts of
         unseen formats put ~20 instruction words after it). With query_filler_order = "shuffle" the question's
         words and the filler words come in a random order (the entity anywhere, first included, as in slot
-        filling's prompt), the marker last. Returns (text, its prompt ids) with the ids fitting `L_q` tokens, or
-        (prompt, None) when no filled form fits."""
+        filling's prompt), the marker last; "shuffle_entity" shuffles the same way but keeps each phrase of `keep`
+        (the gold passages' titles: the entity's name) whole and in order. Returns (text, its prompt ids) with the
+        ids fitting `L_q` tokens, or (prompt, None) when no filled form fits."""
         if self._filler is None:
             self._filler = filler_words(self.world, self.cfg.query_filler_pool)
         cut = prompt.rstrip().rfind("A:") if prompt.rstrip().endswith("A:") else len(prompt)
         head, tail = prompt[:cut].rstrip(), prompt[cut:].strip()
         n = int(rng.integers(0, self.cfg.query_filler_max + 1))
         words = [self._filler[i] for i in rng.integers(len(self._filler), size=n)]
-        shuffle = self.cfg.query_filler_order == "shuffle"
+        shuffle = self.cfg.query_filler_order in ("shuffle", "shuffle_entity")
         if shuffle:
-            q = head.split()
+            q = _word_units(head.split(), keep)
             order = rng.permutation(len(q) + n)  # over the question's words and all n filler words
 
         def render(m):  # the prompt with the first m filler words

@@ -741,6 +741,18 @@ def world_vocabulary(world: World) -> list:
     return sorted(vocab - set(SPECIAL_TOKENS))
 
 
+def non_entity_words(world: World) -> list:
+    """The world's vocabulary less every word of an entity or an attribute value (first names, surnames, cities,
+    countries, company stems and suffixes, occupations, years): the words of its templates, questions, relation
+    names and statements, punctuation, and the markers [SEP] / [START] / [END]. Sorted. The filler pool
+    `query_filler_pool = "vocab"` (data/pipeline.py): words a query may meet that never name what it looks for."""
+    entity = set(world.first_names + world.surnames + world.occupations + world.country_names)
+    entity |= set(OCCUPATIONS) | set(ORG_SUFFIXES) | {c["name"] for c in world.cities}
+    entity |= {w for o in world.orgs for w in (o["stem"], o["suffix"])}
+    entity |= {str(y) for y in range(world.cfg.year_min, world.cfg.year_max + 1)}
+    return sorted((set(world_vocabulary(world)) - entity) | {"[SEP]", "[START]", "[END]"})
+
+
 def build_tokenizer(world: World):
     """A ``tokenizers`` WordLevel tokenizer over the world's vocabulary.
 

@@ -58,6 +58,9 @@ def config_batch_shapes(c, k_read: Optional[int] = None) -> Dict[str, tuple]:
            "passage_mask": ((B, k, c.data.l_max), i32), "passage_ids": ((B, k), i32), "positives": ((B, k), i32)}
     if Bf:
         out.update({"free_tokens": ((Bf, Lf), i32), "free_mask": ((Bf, Lf), i32), "free_loss_mask": ((Bf, Lf), i32)})
+    if B and c.data.get("query_filler_split", False):  # E_q's own prompt (data.query_filler_split)
+        Lq = c.data.get("L_query", 0) or c.data.L_q
+        out.update({"query_tokens": ((B, Lq), i32), "query_mask": ((B, Lq), i32)})
     return out
 
 

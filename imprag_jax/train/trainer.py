@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import evaluation
 from .. import run as R
+from ..data import paths as data_paths
 from ..model import ModelConfig
 from . import config_lib
 from .losses import stage_at
@@ -118,6 +119,10 @@ def train(c, workdir: str) -> Dict:
     bcfg = R.batch_config(c)
     if c.train.candidates != "pseudo":  # mined negatives skip each row's gold and answer-containing passages
         bcfg = dataclasses.replace(bcfg, mined_exclude=MINED_EXCLUDE)
+    if (bcfg.query_filler > 0 and bcfg.query_filler_pool == "vocab"
+            and not data_paths.exists(data_paths.join(ddir, "world.json"))):
+        raise config_lib.ConfigError(f"data config: query_filler_pool='vocab' draws its words from a synthetic "
+                                     f"world, and {ddir} has none (no world.json); use 'all' or 'unseen'")
     s = build(c, cfg, process_count=jax.process_count())
     log(f"[train] model: {cfg.num_layers} layers (b={cfg.b}, t={cfg.t}), d={cfg.hidden_size}, "
         f"{cfg.num_params() / 1e6:.2f}M params; mesh {dict(s.mesh.shape)} over {jax.device_count()} devices "
