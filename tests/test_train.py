@@ -396,15 +396,16 @@ def test_per_loss_gradient_norms_equal_separate_gradients(world_dir):
     from imprag_jax.train.step import loss_fn, loss_grad_norms
 
     c, cfg, sc, params, batch = _tiny_setup(world_dir, score_scale="sqrt_dim")
-    for stage in ("warmup", "distill"):
-        got = loss_grad_norms({"params": params}, batch, jnp.float32(0), cfg=cfg, sc=sc, stage=stage)
-        f = lambda p: loss_fn(p, cfg, sc, stage, batch, jnp.float32(0))[1]
-        g_gen = jax.grad(lambda p: f(p)["gen_nll"])(params)
-        g_ret = jax.grad(lambda p: f(p)["ret_loss"])(params)
+    for stage in ("warmup", "distill"):  # each gradient jitted whole: one compile instead of one per primitive
+        got = jax.jit(lambda p: loss_grad_norms({"params": p}, batch, jnp.float32(0), cfg=cfg, sc=sc,
+                                                stage=stage))(params)
+        f = lambda p: loss_fn(p, cfg, sc, stage, batch, jnp.float32(0))
+        g_gen = jax.jit(jax.grad(lambda p: f(p)[1]["gen_nll"]))(params)
+        g_ret = jax.jit(jax.grad(lambda p: f(p)[1]["ret_loss"]))(params)
         np.testing.assert_allclose(float(got["grad_norm_gen"]), float(optax.tree.norm(g_gen)), rtol=1e-5)
         np.testing.assert_allclose(float(got["grad_norm_ret"]), float(optax.tree.norm(g_ret)), rtol=1e-5)
         assert float(got["grad_norm_ret"]) > 0 and float(got["grad_norm_gen"]) > 0
-        g_tot = jax.grad(lambda p: loss_fn(p, cfg, sc, stage, batch, jnp.float32(0))[0])(params)
+        g_tot = jax.jit(jax.grad(lambda p: f(p)[0]))(params)
         g_sum = jax.tree.map(lambda a, b: a + sc.lam * b, g_gen, g_ret)
         d = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_tot), jax.tree.leaves(g_sum)))
         assert d < 1e-5, d
@@ -416,8 +417,8 @@ def test_retrieval_stage_trains_only_the_retrieval_path(world_dir):
     from imprag_jax.train.step import loss_fn
 
     c, cfg, sc, params, batch = _tiny_setup(world_dir, score_scale="sqrt_dim")
-    (loss, m), g = jax.value_and_grad(lambda p: loss_fn(p, cfg, sc, "retrieval", batch, jnp.float32(0)),
-                                      has_aux=True)(params)
+    (loss, m), g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, cfg, sc, "retrieval", batch, jnp.float32(0)),
+                                              has_aux=True))(params)
     assert float(m["gen_nll"]) == 0.0 and float(loss) == float(m["nce"]) > 0
     assert float(jnp.abs(g["embed"]["embedding"]).max()) == 0.0
     assert float(jnp.abs(g["final_norm"]["scale"]).max()) == 0.0
